@@ -1,0 +1,168 @@
+"""DeepSeekMoE (TR §2.1.2): shared experts + fine-grained routed experts with a sigmoid gate,
+group-limited (node-limited) top-k, auxiliary-loss-free balancing bias and a sequence-wise balance loss.
+
+The routed experts live in a ModuleDict keyed by their *global* expert index, so a state_dict key
+names the same expert whatever the expert-parallel layout. How tokens reach the experts is the
+dispatcher's business (`LocalDispatcher` here; comm/ supplies the all-to-all one): the model never
+imports torch.distributed.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import ModelArgs
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Used for the dense layers, shared and routed experts."""
+
+    def __init__(self, dim: int, inter_dim: int, device=None, dtype=None):
+        super().__init__()
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.w1 = nn.Linear(dim, inter_dim, **kw)
+        self.w2 = nn.Linear(inter_dim, dim, **kw)
+        self.w3 = nn.Linear(dim, inter_dim, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """Router. Scores come from raw affinities; the bias only changes which experts are selected."""
+
+    def __init__(self, args: ModelArgs, device=None, dtype=None):
+        super().__init__()
+        self.topk = args.n_activated_experts
+        self.n_groups = args.n_expert_groups
+        self.topk_groups = args.n_limited_groups
+        self.score_func = args.score_func
+        self.route_scale = args.route_scale
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim, device=device, dtype=dtype))
+        # b_i of the aux-loss-free strategy: a buffer (saved, never touched by the optimizer), kept fp32.
+        self.register_buffer("bias", torch.zeros(args.n_routed_experts, device=device, dtype=torch.float32))
+
+    def forward(self, x_ND: torch.Tensor):
+        """Returns (weights [N, K] fp32, indices [N, K], scores [N, E] fp32 raw affinities)."""
+        logits = F.linear(x_ND.float(), self.weight.float())
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+        select = scores + self.bias if self.score_func == "sigmoid" else scores
+        if self.n_groups > 1:
+            N = select.size(0)
+            grouped = select.view(N, self.n_groups, -1)
+            # Group score = sum of its top-2 (bias-corrected) affinities (TR §2.1.2, node-limited routing).
+            group_scores = grouped.topk(min(2, grouped.size(-1)), dim=-1).values.sum(dim=-1)
+            keep = group_scores.topk(self.topk_groups, dim=-1).indices
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            select = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = select.topk(self.topk, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.score_func == "sigmoid":
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.route_scale, indices, scores
+
+
+def sequence_balance_loss(scores_BTE: torch.Tensor, indices_BTK: torch.Tensor, alpha: float) -> torch.Tensor:
+    """TR eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch.
+
+    f_i = E/(K T) * #tokens of the sequence routed to i (no gradient); P_i = mean_t of the
+    affinities normalised over experts, s'_{i,t} = s_{i,t} / sum_j s_{j,t}.
+    """
+    B, T, E = scores_BTE.shape
+    K = indices_BTK.size(-1)
+    counts = torch.zeros(B, E, device=scores_BTE.device, dtype=scores_BTE.dtype)
+    counts.scatter_add_(1, indices_BTK.reshape(B, T * K), torch.ones(B, T * K, device=counts.device, dtype=counts.dtype))
+    f = counts * (E / (K * T))
+    p = (scores_BTE / scores_BTE.sum(dim=-1, keepdim=True)).mean(dim=1)
+    return alpha * (f * p).sum(dim=-1).mean()
+
+
+class AuxLossAutoScaler(torch.autograd.Function):
+    """Identity on `output`; backward also sends `scale` as the gradient of `aux_loss`.
+
+    This lets an auxiliary loss train the router without being returned through every pipeline
+    stage. `scale` must equal the factor the main loss is multiplied by before backward
+    (1 / number of micro-batches), so that aux and main loss are weighted alike.
+    """
+
+    @staticmethod
+    def forward(ctx, output, aux_loss, scale: float):
+        ctx.save_for_backward(aux_loss)
+        ctx.scale = scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (aux_loss,) = ctx.saved_tensors
+        return grad_output, torch.full_like(aux_loss, ctx.scale), None
+
+
+class Dispatcher(Protocol):
+    def __call__(self, x_ND: torch.Tensor, indices_NK: torch.Tensor, weights_NK: torch.Tensor,
+                 experts: nn.ModuleDict) -> torch.Tensor: ...
+
+
+class LocalDispatcher:
+    """Every expert lives here: sort token copies by expert, run each expert once, weighted scatter-add back."""
+
+    def __call__(self, x_ND, indices_NK, weights_NK, experts):
+        N, K = indices_NK.shape
+        flat = indices_NK.flatten()
+        order = flat.argsort(stable=True)  # token copies grouped by expert
+        token_of = order // K
+        counts = torch.bincount(flat, minlength=len(experts)).tolist()
+        xs = x_ND[token_of]
+        outs = [experts[str(e)](chunk) for e, chunk in enumerate(xs.split(counts)) if counts[e] > 0]
+        ys = torch.cat(outs) if outs else xs.new_zeros(0, x_ND.size(1))
+        ys = ys * weights_NK.flatten()[order].unsqueeze(-1).to(ys.dtype)
+        return torch.zeros_like(x_ND).index_add_(0, token_of, ys)
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs, device=None, dtype=None, dispatcher: Dispatcher | None = None):
+        super().__init__()
+        self.n_routed_experts = args.n_routed_experts
+        self.aux_alpha = args.seq_aux_loss_alpha
+        self.gate = Gate(args, device, dtype)
+        self.experts = nn.ModuleDict(
+            {str(i): MLP(args.dim, args.moe_inter_dim, device, dtype) for i in range(args.n_routed_experts)}
+        )
+        self.shared_experts = (
+            MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, device, dtype) if args.n_shared_experts else None
+        )
+        self.dispatcher: Dispatcher = dispatcher or LocalDispatcher()
+        # Tokens routed to each expert since the trainer last read it (summed over micro-batches);
+        # the aux-loss-free bias update and the load metrics consume it once per optimizer step.
+        self.register_buffer("tokens_per_expert", torch.zeros(args.n_routed_experts, device=device), persistent=False)
+        self.aux_loss_scale = 1.0  # set by the trainer: 1 / micro-batches per step
+        self.last_aux_loss: torch.Tensor | None = None
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(B * T, D)
+        weights, indices, scores = self.gate(x_ND)
+        with torch.no_grad():
+            self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.n_routed_experts).to(
+                self.tokens_per_expert.dtype)
+        y = self.dispatcher(x_ND, indices, weights, self.experts)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x_ND)
+        y = y.view(B, T, D)
+        if self.training and self.aux_alpha > 0 and torch.is_grad_enabled():
+            aux = sequence_balance_loss(scores.view(B, T, -1), indices.view(B, T, -1), self.aux_alpha)
+            self.last_aux_loss = aux.detach()
+            y = AuxLossAutoScaler.apply(y, aux, self.aux_loss_scale)
+        return y
+
+
+@torch.no_grad()
+def update_balance_bias_(bias: torch.Tensor, load: torch.Tensor, gamma: float) -> None:
+    """Aux-loss-free balancing (TR §2.1.2): b_i += gamma * sign(mean load - load_i).
+
+    `load` must be the token count per expert summed over every micro-batch and every data-parallel
+    rank of the optimizer step, so that all ranks apply the same update.
+    """
+    bias += gamma * torch.sign(load.float().mean() - load.float())

@@ -1,0 +1,82 @@
+"""Typed slices of the job config owned by train/: each component gets its own slice, never the tree."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def _need(ok: bool, msg: str):
+    if not ok:
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    decay_start: float = 0.6  # fraction of steps after which the cosine decay starts (constant before)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    moment_dtype: str = "float32"  # AdamW moments: float32 | bfloat16 (the report keeps them in BF16)
+    bias_update_speed: float | None = None  # gamma; None: the model's value
+    seed: int = 0
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    eval_interval: int = 100
+    eval_batches: int = 4
+    sample_tokens: int = 120  # greedy sample printed at the end; 0 disables
+
+    def __post_init__(self):
+        for name in ("steps", "global_batch_size", "micro_batch_size", "seq_len", "eval_interval", "eval_batches"):
+            _need(getattr(self, name) > 0, f"train.{name} must be > 0, got {getattr(self, name)}")
+        _need(self.global_batch_size % self.micro_batch_size == 0,
+              f"train.global_batch_size={self.global_batch_size} must be a multiple of "
+              f"train.micro_batch_size={self.micro_batch_size}")
+        _need(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _need(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _need(0 <= self.decay_start <= 1, f"train.decay_start must be in [0, 1], got {self.decay_start}")
+        _need(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _need(self.moment_dtype in ("float32", "bfloat16"),
+              f"train.moment_dtype={self.moment_dtype!r} not in float32|bfloat16")
+        _need(self.device in ("auto", "cpu", "cuda"), f"train.device={self.device!r} not in auto|cpu|cuda")
+        _need(self.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {self.sample_tokens}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str = "data/stdlib"  # prepared token files; made from `input` on first use
+    input: str | None = None  # folder of text files; None: the Python standard library
+    val_fraction: float = 0.01
+
+    def __post_init__(self):
+        _need(0 < self.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    backend: str = "console"  # console | wandb (metrics.jsonl is always written)
+    progress: bool = True  # a live progress bar on rank 0
+    wandb_project: str = "moeforge"
+    wandb_mode: str = "offline"  # offline | online | disabled
+
+    def __post_init__(self):
+        _need(self.backend in ("console", "wandb"), f"logging.backend={self.backend!r} not in console|wandb")
+        _need(self.wandb_mode in ("offline", "online", "disabled"),
+              f"logging.wandb_mode={self.wandb_mode!r} not in offline|online|disabled")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str | None = None  # None: run_dir/checkpoints
+    interval: int = 0  # save every N steps; 0: only at the end
+    keep: int = 2  # newest K kept
+
+    def __post_init__(self):
+        _need(self.interval >= 0, f"checkpoint.interval must be >= 0, got {self.interval}")
+        _need(self.keep >= 1, f"checkpoint.keep must be >= 1, got {self.keep}")
