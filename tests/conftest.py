@@ -1,0 +1,17 @@
+import os
+
+import pytest
+
+# Keep the math reproducible and the 2-core CI machine responsive.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def stdlib_data(tmp_path_factory):
+    """The default corpus (Python stdlib sources), tokenized once per test session."""
+    from train.data import prepare
+
+    out = tmp_path_factory.mktemp("stdlib_tokens")
+    prepare(None, out, log=lambda *a: None)
+    return str(out)
