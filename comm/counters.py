@@ -1,0 +1,56 @@
+"""Bytes this rank sends over each link class, per expert-parallel collective.
+
+Every all-to-all the dispatcher issues is recorded as (event, link, part) -> bytes, where
+  event: dispatch_fwd, dispatch_bwd (the gradients going back), combine_fwd, combine_bwd;
+  link:  inter (different nodes: InfiniBand) or intra (same node: NVLink); rows a rank keeps for
+         itself cross no link and are not counted;
+  part:  x (activations or their gradients), meta (gate weights + expert ids, or their gradients),
+         counts (the per-rank row counts exchanged before a dispatch).
+The link class of (src, dst) comes from `ranks_per_node` through comm.layout.EPTopology.link.
+
+The training loop logs `as_dict()` (totals per event and link since the last `reset()`); tests and
+the benchmark read single entries with `get()`. The counters are this rank's own: sum them over
+ranks for a job-wide figure.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+EVENTS = ("dispatch_fwd", "dispatch_bwd", "combine_fwd", "combine_bwd")
+PARTS = ("x", "meta", "counts")
+
+
+class ByteCounters:
+    def __init__(self, prefix: str = "ep/"):
+        self.prefix = prefix
+        self.reset()
+
+    def reset(self) -> None:
+        self.bytes: dict[tuple[str, str, str], int] = defaultdict(int)
+        self.calls: dict[str, int] = defaultdict(int)  # all-to-alls issued per event
+
+    def add(self, event: str, link: str, part: str, nbytes: int) -> None:
+        assert event in EVENTS and part in PARTS, f"{event=}, {part=}"
+        if link != "self":
+            self.bytes[(event, link, part)] += int(nbytes)
+
+    def record_a2a(self, event: str, links: list[str], send_rows: list[int], part_row_bytes: dict[str, int]) -> None:
+        """One all_to_all_single: send_rows[p] rows to ep rank p (whose link class is links[p]), each
+        row made of part_row_bytes[part] bytes per part."""
+        self.calls[event] += 1
+        for link, rows in zip(links, send_rows):
+            for part, b in part_row_bytes.items():
+                self.add(event, link, part, rows * b)
+
+    def get(self, event: str | None = None, link: str | None = None, part: str | None = None) -> int:
+        """Sum over the entries matching every given field (None matches all)."""
+        return sum(v for (e, l, p), v in self.bytes.items()
+                   if (event is None or e == event) and (link is None or l == link) and (part is None or p == part))
+
+    def as_dict(self, reset: bool = False) -> dict[str, int]:
+        """{'ep/dispatch_fwd_inter_bytes': ..., ..., 'ep/a2a_calls': ...} for the training log."""
+        out = {f"{self.prefix}{e}_{l}_bytes": self.get(e, l) for e in EVENTS for l in ("inter", "intra")}
+        out[f"{self.prefix}a2a_calls"] = sum(self.calls.values())
+        if reset:
+            self.reset()
+        return out
