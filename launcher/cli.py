@@ -23,9 +23,14 @@ def _launch(args) -> int:
     from .config import load_job_config
     from .torchrun import launch, options_from_args
 
-    # Validate the config here, before any process starts or any process group forms.
-    load_job_config(args.overrides)
+    # Validate the config and the layout here, before any process starts or any process group forms.
+    cfg = load_job_config(args.overrides)
     opts = options_from_args(args)
+    if str(opts.nproc_per_node).isdigit() and str(opts.nnodes).isdigit():
+        from parallel.dims import ParallelDims
+
+        nproc = int(opts.nproc_per_node)
+        ParallelDims.from_config(cfg.parallel, nproc * int(opts.nnodes), nproc, cfg.model.n_routed_experts)
     return launch(opts, "launcher.cli", ["train", *args.overrides])
 
 
@@ -80,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     doc = sub.add_parser("doctor", help="environment and GPU preflight (NVML)")
     doc.add_argument("--nproc-per-node", type=int, default=None)
     doc.set_defaults(fn=_doctor)
+
+    from .plan import add_plan_parser
+
+    add_plan_parser(sub)
     return p
 
 
@@ -91,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except ConfigError as e:
+        print(f"moeforge: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # layout/config values that are well-typed but invalid
+        if args.command not in ("launch",):
+            raise
         print(f"moeforge: {e}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,8 @@ class ParallelConfig:
     ranks_per_node: int | None = None  # None: torchrun's local world size
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
     timeout_s: float = 300.0  # every process group's collective timeout
+    two_hop: bool = False  # EP dispatch crosses the inter-node link once per destination node, then NVLink
+    fp8_dispatch: bool = False  # EP dispatch payload in E4M3 (1x128 tiles, power-of-2 scales); combine stays high precision
 
     def __post_init__(self):
         if self.pp < 1:

@@ -31,6 +31,11 @@ class TrainConfig:
     eval_interval: int = 100
     eval_batches: int = 4
     sample_tokens: int = 120  # greedy sample printed at the end; 0 disables
+    # loss-spike / NaN rule (train/health.py): a non-finite loss or grad norm always skips the step
+    spike_zscore: float = 0.0  # also skip a loss this many std above the mean of the window; 0: off (6 is sane)
+    spike_window: int = 100  # accepted steps the z-score looks back on
+    max_skips_in_row: int = 10  # this many consecutive skipped steps stop the run
+    debug_nan_step: int = 0  # test aid: multiply the loss by NaN at this step (1-based); 0: off
 
     def __post_init__(self):
         for name in ("steps", "global_batch_size", "micro_batch_size", "seq_len", "eval_interval", "eval_batches"):
@@ -46,6 +51,10 @@ class TrainConfig:
               f"train.moment_dtype={self.moment_dtype!r} not in float32|bfloat16")
         _need(self.device in ("auto", "cpu", "cuda"), f"train.device={self.device!r} not in auto|cpu|cuda")
         _need(self.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {self.sample_tokens}")
+        _need(self.spike_zscore >= 0, f"train.spike_zscore must be >= 0 (0: off), got {self.spike_zscore}")
+        _need(self.spike_window >= 2, f"train.spike_window must be >= 2, got {self.spike_window}")
+        _need(self.max_skips_in_row >= 1, f"train.max_skips_in_row must be >= 1, got {self.max_skips_in_row}")
+        _need(self.debug_nan_step >= 0, f"train.debug_nan_step must be >= 0, got {self.debug_nan_step}")
 
 
 @dataclass(frozen=True)
@@ -64,19 +73,38 @@ class LoggingConfig:
     progress: bool = True  # a live progress bar on rank 0
     wandb_project: str = "moeforge"
     wandb_mode: str = "offline"  # offline | online | disabled
+    tensorboard: bool = False  # also write run_dir/tensorboard (needs the tensorboard package)
+    log_interval: int = 0  # without the progress bar, print a status line every N steps; 0: never
+    peak_tflops: float | None = None  # per-GPU peak for MFU; None: from the device name (H100/H800/H200), none on CPU
+    telemetry_interval: int = 10  # NVML GPU sample every N steps (GPU runs); 0: off
+    expert_load_interval: int = 100  # the [layer, expert] load matrix into metrics.jsonl every N steps; 0: only
+    #                                  at checkpoints and the last step (where the heatmap PNG is drawn too)
 
     def __post_init__(self):
         _need(self.backend in ("console", "wandb"), f"logging.backend={self.backend!r} not in console|wandb")
         _need(self.wandb_mode in ("offline", "online", "disabled"),
               f"logging.wandb_mode={self.wandb_mode!r} not in offline|online|disabled")
+        for name in ("log_interval", "telemetry_interval", "expert_load_interval"):
+            _need(getattr(self, name) >= 0, f"logging.{name} must be >= 0, got {getattr(self, name)}")
+        _need(self.peak_tflops is None or self.peak_tflops > 0,
+              f"logging.peak_tflops must be > 0 or null, got {self.peak_tflops}")
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
     dir: str | None = None  # None: run_dir/checkpoints
-    interval: int = 0  # save every N steps; 0: only at the end
-    keep: int = 2  # newest K kept
+    interval: int = 0  # save every N steps; 0: only at the end (and on preemption)
+    keep: int = 2  # newest K whole checkpoints kept
+    async_save: bool = True  # interval saves write in a background thread while training goes on
+    resume: str = "auto"  # auto: the newest whole checkpoint under dir, if any | never | PATH of a step_* folder
+    preempt_signals: str = "SIGTERM,SIGUSR1"  # each one: save after the current step, exit 75; "" disables
+    preempt_grace_s: float = 25.0  # the scheduler's notice (torchrun: --shutdown-timeout 30); a slower save warns
 
     def __post_init__(self):
         _need(self.interval >= 0, f"checkpoint.interval must be >= 0, got {self.interval}")
         _need(self.keep >= 1, f"checkpoint.keep must be >= 1, got {self.keep}")
+        _need(bool(self.resume), "checkpoint.resume must be auto, never or a checkpoint path")
+        _need(self.preempt_grace_s > 0, f"checkpoint.preempt_grace_s must be > 0, got {self.preempt_grace_s}")
+        from .preempt import parse_signals
+
+        parse_signals(self.preempt_signals)  # ValueError naming the bad signal

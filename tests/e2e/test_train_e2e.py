@@ -71,7 +71,7 @@ def test_checkpoint_is_whole_only_with_manifest(tmp_path):
     msgs = []
     assert ckpt.latest_whole(tmp_path, log=msgs.append) == p1 and "no manifest" in msgs[0]
     p3 = ckpt.save(tmp_path, 3, {"w": torch.zeros(3)}, {}, keep=3)
-    with open(p3 / "state.pt", "r+b") as f:  # corrupt one byte
+    with open(p3 / "__0_0.distcp", "r+b") as f:  # corrupt one byte of the tensor data
         f.seek(-1, 2)
         b = f.read(1)
         f.seek(-1, 2)
