@@ -86,9 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--nproc-per-node", type=int, default=None)
     doc.set_defaults(fn=_doctor)
 
+    from .ckpt import add_ckpt_parser
     from .plan import add_plan_parser
 
     add_plan_parser(sub)
+    add_ckpt_parser(sub)
     return p
 
 
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moeforge: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # layout/config values that are well-typed but invalid
-        if args.command not in ("launch",):
+        if args.command not in ("launch", "ckpt"):
             raise
         print(f"moeforge: {e}", file=sys.stderr)
         return 2

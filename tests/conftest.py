@@ -15,3 +15,15 @@ def stdlib_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("stdlib_tokens")
     prepare(None, out, log=lambda *a: None)
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors gain nothing from intra-op threads, and on a loaded 2-core machine idle threads
+    spin and slow a whole file down ~10x; restores the setting for the tests that follow."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

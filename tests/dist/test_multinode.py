@@ -74,3 +74,31 @@ def test_a_dead_rank_on_one_host_stops_both_hosts(hosts):
     # the other host's ranks either raise PeerFailure themselves or are stopped by their agent once the
     # rendezvous learns of the failure (a race); either way its launch fails with torchrun's summary
     assert "PeerFailure" in other or "ChildFailedError" in other, other
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(HARD_LIMIT_S + 30)
+def test_two_hosts_train_five_steps(hosts, stdlib_data, tmp_path):
+    """`moeforge launch --nnodes 2` on each host trains the tiny model 5 steps over the veth link,
+    data parallel with experts sharded across the hosts (ep=4: one expert pair per rank)."""
+    a, b = hosts
+    procs = []
+    for h, is_host in ((a, True), (b, False)):
+        cmd = ["timeout", "-s", "KILL", str(HARD_LIMIT_S), *h.argv([
+            sys.executable, "-m", "launcher.cli", "launch", "--nproc-per-node", "2", "--nnodes", "2",
+            "--rdzv-endpoint", f"{a.addr}:29401", "--rdzv-id", "mf-train", "--local-addr", h.addr,
+            "--rdzv-conf", f"is_host={'true' if is_host else 'false'}", "--monitor-interval", "0.5",
+            f"data.dir={stdlib_data}", f"run_dir={tmp_path}", "train.steps=5", "train.seq_len=32",
+            "train.global_batch_size=8", "train.micro_batch_size=2", "train.eval_interval=5",
+            "train.sample_tokens=0", "logging.progress=false", "parallel.ep=4", "parallel.timeout_s=60"])]
+        env = {**os.environ, **h.env(), "PYTHONPATH": str(REPO)}
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outs = [p.communicate()[0] for p in procs]
+    for h, p, out in zip((a, b), procs, outs):
+        assert p.returncode == 0, f"{h.hostname} exited {p.returncode}:\n{out[-4000:]}"
+    import json
+
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[-1]["ep/dispatch_fwd_inter_bytes"] > 0  # tokens crossed the veth link

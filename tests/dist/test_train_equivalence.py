@@ -53,8 +53,7 @@ def test_data_parallel_4_ranks_matches_single_process(single, tmp_path, stdlib_d
     assert "dp=4" in out.stdout and "backend=gloo" in out.stderr
     assert_same_run(single, four, rel=1e-6)
     manifest = json.loads(next((tmp_path / "checkpoints").glob("step_*/manifest.json")).read_text())
-    # DCP: one data file per rank (each writes its share of the replicated model and its optimizer pieces)
-    assert sorted(manifest["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp"]
+    assert manifest["step"] == 20 and manifest["layout"]["world_size"] == 4 and manifest["files"]
 
 
 def test_bad_layout_fails_before_any_process_starts(tmp_path, stdlib_data):

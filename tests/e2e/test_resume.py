@@ -295,13 +295,13 @@ def reference(tmp_path_factory, stdlib_data):
     return run_dir
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_kill9_then_rerun_reproduces_the_uninterrupted_run(reference, tmp_path, stdlib_data):
     k = random.randint(3, 7)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     args = train_args(run_dir, stdlib_data, "checkpoint.interval=2")
-    job = Job(args, run_dir, 200)
+    job = Job(args, run_dir, 300)
     try:
         job.wait_for_step(k)
         os.kill(job.child(), signal.SIGKILL)
@@ -315,12 +315,12 @@ def test_kill9_then_rerun_reproduces_the_uninterrupted_run(reference, tmp_path, 
     assert_same_run(reference, run_dir)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_sigterm_saves_the_step_exits_75_and_resumes(reference, tmp_path, stdlib_data):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     args = train_args(run_dir, stdlib_data)  # no interval saves: the preemption save is the only one
-    job = Job(args, run_dir, 200)
+    job = Job(args, run_dir, 300)
     try:
         job.wait_for_step(3)
         os.kill(job.child(), signal.SIGTERM)
@@ -346,7 +346,7 @@ def launch_reference(tmp_path_factory, stdlib_data):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(600)
 def test_launch_survives_kill9_and_a_preemption_signal_on_one_rank(launch_reference, tmp_path, stdlib_data):
     """One job, two failures: rank 1 is SIGKILLed at a random step (torchrun restarts the group, which
     resumes from the newest whole checkpoint); later rank 1 alone gets SIGUSR1 (every rank agrees,

@@ -19,14 +19,7 @@ from fp8 import reference as R
 from fp8.gemm import cublas_gemm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from intra-op threads, and on a loaded 2-core machine idle threads
-    spin and slow the whole file down ~10x; restore the setting for the tests that follow."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BOUND = 0.045

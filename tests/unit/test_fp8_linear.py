@@ -15,14 +15,7 @@ import torch.nn as nn
 from fp8 import Fp8Config, Fp8Linear, WeightGradStore, apply_fp8, default_exclude, set_wgrad_store
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from intra-op threads, and on a loaded 2-core machine idle threads
-    spin and slow the whole file down ~10x; restore the setting for the tests that follow."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BOUND = 0.045
