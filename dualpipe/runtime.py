@@ -88,6 +88,7 @@ class PipelineRuntime:
         self._program = self._compile(self.schedule)
         self.act_shape: tuple[int, int, int] | None = None  # [micro_batch, T, dim], from the step's tokens
         self.stats: dict = {}  # the last step: lm_loss / mtp_loss per local loss micro-batch, aux_loss summed
+        self.wait_s = 0.0  # the last step's wall time blocked in pipeline P2P waits (bubble + exposed P2P)
         self._reset()
 
     @classmethod
@@ -139,6 +140,7 @@ class PipelineRuntime:
         rows0 = self._rows[0]
         self.act_shape = (rows0.size(0), rows0.size(1) - 1 - self.args.n_mtp_modules, self.args.dim)
         self.stats = {"lm_loss": [], "mtp_loss": [], "aux_loss": 0.0}
+        self.wait_s = 0.0
         for st in self.stages.values():
             for m in st.moe_layers():
                 m.aux_loss_scale = 1.0 / n
@@ -156,6 +158,53 @@ class PipelineRuntime:
             return self._losses
         finally:
             self._reset()
+
+    @torch.no_grad()
+    def forward_only(self, microbatches: Sequence[torch.Tensor],
+                     last: Callable[[StageModule, torch.Tensor, torch.Tensor], torch.Tensor]) -> list[torch.Tensor | None]:
+        """Evaluation and sampling: run every micro-batch forward through the pipe, no autograd, and on the
+        rank holding its last stage return `last(stage, h, rows)` (h: the final block's output [B, T, dim]);
+        None for micro-batches whose last stage is elsewhere. Any number of micro-batches and any
+        sequence length (activations take their shape from each micro-batch's rows).
+
+        Every rank walks the same global order (micro-batch, then stage) and acts on the stages it holds:
+        a receive waits, a send is posted and waited at the end, so each receive's send was posted
+        earlier in that order and nothing can deadlock. The pipe is not filled: one micro-batch at a time
+        (evaluation is a small share of a step's work); EP peers of a stage run its all-to-alls together."""
+        out: list[torch.Tensor | None] = [None] * len(microbatches)
+        pending: list[tuple[list, torch.Tensor, str]] = []
+        try:
+            for m, rows in enumerate(microbatches):
+                shape = (rows.size(0), rows.size(1) - 1 - self.args.n_mtp_modules, self.args.dim)
+                h: torch.Tensor | None = None
+                for s in range(self.n_stages):
+                    here = self.rank_of_stage(s, m) == self.pp_rank
+                    prev = None if s == 0 else self.rank_of_stage(s - 1, m)
+                    if not here:
+                        h = None
+                        continue
+                    stage = self.stages[s]
+                    if s > 0 and prev != self.pp_rank:
+                        h = torch.empty(shape, dtype=self.dtype, device=self.device)
+                        what = f"forward_only recv {s}F{m}<{prev}"
+                        self._wait(dist.batch_isend_irecv(
+                            [dist.P2POp(dist.irecv, h, self._global(prev), self.pp_group)]), what)
+                    x = stage.embed_tokens(rows) if stage.is_first else h
+                    for layer in stage.layers.values():
+                        x = layer(x, stage.angles)
+                    if stage.is_last:
+                        out[m] = last(stage, x, rows)
+                        continue
+                    nxt = self.rank_of_stage(s + 1, m)
+                    h = x
+                    if nxt != self.pp_rank:
+                        t = x.contiguous()
+                        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, t, self._global(nxt), self.pp_group)])
+                        pending.append((works, t, f"forward_only send {s}F{m}>{nxt}"))
+        finally:
+            for works, _, what in pending:
+                self._wait(works, what)
+        return out
 
     def _compute(self, a: Action) -> None:
         if self.trace is not None:
@@ -238,13 +287,17 @@ class PipelineRuntime:
             self._pending.append((works, keep, what))
 
     def _wait(self, works: list, what: str) -> None:
+        import time
+
         from parallel.mesh import peer_guard
 
+        t0 = time.perf_counter()
         with peer_guard(f"pipeline p2p [{what}] on pp rank {self.pp_rank}", self.pp_group,
                         self.timeout.total_seconds()):
             for w in works:
                 if w is not None and not (w.wait(self.timeout) if self._host_timeout else w.wait()):
                     raise RuntimeError(f"timed out after {self.timeout.total_seconds():g}s")
+        self.wait_s += time.perf_counter() - t0
 
     # ---- parameters held on several pp ranks --------------------------------------------------------------
     def _holders(self, fqn: str) -> list[int]:

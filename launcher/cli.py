@@ -30,7 +30,11 @@ def _launch(args) -> int:
         from parallel.dims import ParallelDims
 
         nproc = int(opts.nproc_per_node)
-        ParallelDims.from_config(cfg.parallel, nproc * int(opts.nnodes), nproc, cfg.model.n_routed_experts)
+        dims = ParallelDims.from_config(cfg.parallel, nproc * int(opts.nnodes), nproc, cfg.model.n_routed_experts)
+        from train.loop import micro_batches_per_rank, validate_schedule
+
+        micro_batches_per_rank(cfg, dims.dp)
+        validate_schedule(cfg, dims.pp, dims.dp)
     return launch(opts, "launcher.cli", ["train", *args.overrides])
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from dualpipe.config import ScheduleConfig
 from fp8.config import Fp8Config
 from model.args import ModelArgs
 from parallel.config import ParallelConfig
@@ -24,6 +25,7 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     fp8: Fp8Config = field(default_factory=Fp8Config)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run_dir: str = "outputs/tiny"

@@ -47,8 +47,11 @@ def ensure_data(cfg, log_fn=print) -> dict:
     return meta
 
 
-def build_model(cfg, device: torch.device, meshes=None, counters=None) -> Transformer:
-    """Meta build -> FP8 module swap -> expert parallelism -> materialize -> init (torchtitan's order)."""
+def build_model(cfg, device: torch.device, meshes=None, counters=None, stage_ids=None) -> Transformer:
+    """Meta build -> FP8 module swap -> expert parallelism -> pipeline split -> materialize -> init
+    (torchtitan's order). With stage_ids (pp > 1) the model is pruned to those pipeline stages and
+    returned with a `.stages` dict {stage id: StageModule}; init_weights seeds each parameter by its
+    name, so every layout starts from the single-process model's values."""
     with torch.device("meta"):
         model = Transformer(cfg.model)
     if cfg.fp8.enabled:
@@ -60,9 +63,44 @@ def build_model(cfg, device: torch.device, meshes=None, counters=None) -> Transf
 
         apply_ep(model, meshes.ep, meshes.coords.ep, meshes.dims.ep, meshes.dims.ranks_per_node,
                  two_hop=cfg.parallel.two_hop, fp8=cfg.parallel.fp8_dispatch, counters=counters)
+    stages = None
+    if stage_ids is not None:
+        from dualpipe.schedule import num_stages
+        from model.split import build_stages
+
+        stages = build_stages(model, stage_ids, num_stages(cfg.schedule.name, cfg.parallel.pp))
     model.to_empty(device=device)
     model.init_weights(seed=cfg.train.seed)
+    model.stages = stages
     return model
+
+
+def micro_batches_per_rank(cfg, dp: int) -> int:
+    """train.global_batch_size / (dp * train.micro_batch_size), or a ValueError naming the fields."""
+    t = cfg.train
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ValueError(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+                         f"train.micro_batch_size*dp = {t.micro_batch_size}*{dp}")
+    return t.global_batch_size // dp // t.micro_batch_size
+
+
+def validate_schedule(cfg, pp: int, dp: int) -> None:
+    """parallel.pp > 1: the schedule must exist for (pp, micro-batches per rank); raises naming the fields."""
+    if pp == 1:
+        return
+    from dualpipe.schedule import num_stages, validate
+
+    n_micro = micro_batches_per_rank(cfg, dp)
+    try:
+        validate(cfg.schedule.name, pp, n_micro)
+    except ValueError as e:
+        raise ValueError(f"schedule={cfg.schedule.name} with parallel.pp={pp}: {n_micro} micro-batches per rank "
+                         f"(train.global_batch_size / dp / train.micro_batch_size = {cfg.train.global_batch_size}"
+                         f"/{dp}/{cfg.train.micro_batch_size}): {e}") from None
+    n_stages = num_stages(cfg.schedule.name, pp)
+    if n_stages > 2 and cfg.model.n_layers < n_stages - 2:
+        raise ValueError(f"schedule={cfg.schedule.name} with parallel.pp={pp} has {n_stages} stages: needs "
+                         f"model.n_layers >= {n_stages - 2} (no empty middle stage), got {cfg.model.n_layers}")
 
 
 def lm_losses(model: Transformer, rows: torch.Tensor):
@@ -90,6 +128,35 @@ def greedy_sample(model: Transformer, prompt: str, n_tokens: int, device) -> str
     return decode(ids)
 
 
+@torch.no_grad()
+def greedy_sample_pipeline(trainer: "Trainer", prompt: str, n_tokens: int) -> str:
+    """greedy_sample through the pipeline: each token is one forward of the whole pipe; the rank holding
+    the last stage picks the token and broadcasts it over the pp group (collective: every rank calls)."""
+    import torch.distributed as dist
+
+    rt, args = trainer.rt, trainer.cfg.model
+    pp = trainer.meshes.pp
+    src = dist.get_global_rank(pp, rt.rank_of_stage(rt.n_stages - 1, 0))
+    trainer.model.eval()
+    ids = encode(prompt)
+    pad = [0] * (1 + args.n_mtp_modules)  # rows carry T+1+D tokens; only the first T are read here
+
+    def pick(stage, h, rows):
+        return stage.head(stage.norm(h))[0, -1].argmax().reshape(1)
+
+    for _ in range(n_tokens):
+        rows = torch.tensor([ids[-args.max_seq_len:] + pad], device=trainer.device)
+        (tok,) = rt.forward_only([rows], pick)
+        tok = torch.zeros(1, dtype=torch.int64, device=trainer.device) if tok is None else tok.to(torch.int64)
+        dist.broadcast(tok, src=src, group=pp)
+        nxt = int(tok)
+        if nxt == EOT:
+            break
+        ids.append(nxt)
+    trainer.model.train()
+    return decode(ids)
+
+
 class Trainer:
     """One rank's state: model (its experts), optimizer (its ZeRO-1 shard), data position, step."""
 
@@ -107,11 +174,8 @@ class Trainer:
             self.device = torch.device("cuda", self.env.local_rank)
         self.is_main = self.rank == 0
         t = cfg.train
-        if t.global_batch_size % (t.micro_batch_size * self.dp_size):
-            raise ValueError(
-                f"train.global_batch_size={t.global_batch_size} must be a multiple of "
-                f"train.micro_batch_size*dp = {t.micro_batch_size}*{self.dp_size}")
-        self.n_micro = t.global_batch_size // self.dp_size // t.micro_batch_size
+        self.n_micro = micro_batches_per_rank(cfg, self.dp_size)
+        self.pp = meshes.dims.pp if meshes else 1
         self.meta = ensure_data(cfg, self.print) if self.is_main else None
         self.barrier()
         self.meta = self.meta or load_meta(cfg.data.dir)
@@ -123,12 +187,29 @@ class Trainer:
         from comm.counters import ByteCounters
 
         self.comm_counters = ByteCounters()
-        self.model = build_model(cfg, self.device, meshes, self.comm_counters)
-        self.moe_layers = self.model.moe_layers()
+        self.rt = None  # the pipeline runtime when parallel.pp > 1
+        if self.pp > 1:
+            from dualpipe.runtime import PipelineRuntime
+            from dualpipe.schedule import stage_placement
+
+            sc = cfg.schedule
+            self.model = build_model(cfg, self.device, meshes, self.comm_counters,
+                                     stage_ids=stage_placement(sc.name, self.pp)[meshes.coords.pp])
+            self.rt = PipelineRuntime.for_schedule(sc.name, self.model.stages, meshes.pp, self.n_micro,
+                                                   overlap=sc.overlap, split_middle_pair=sc.split_middle_pair,
+                                                   timeout_s=cfg.parallel.timeout_s)
+            self.named_params = [(n, p) for n, p in self.rt.named_parameters() if p.requires_grad]
+        else:
+            self.model = build_model(cfg, self.device, meshes, self.comm_counters)
+            self.named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.moe_layers = self.model.moe_layers()  # the MoE layers of this rank's stages
+        from .health import moe_layer_labels
+
+        with torch.device("meta"):
+            self.moe_labels = moe_layer_labels(Transformer(cfg.model))  # every MoE layer of the model
         for m in self.moe_layers:
             m.aux_loss_scale = 1.0 / self.n_micro
         self.gamma = cfg.model.bias_update_speed if t.bias_update_speed is None else t.bias_update_speed
-        self.named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.optimizer = self.build_optimizer()
         self.step = 0
         self.tokens_seen = 0
@@ -157,12 +238,16 @@ class Trainer:
                             moment_dtype=getattr(torch, t.moment_dtype), **groups)
 
     def _sum_over_dp(self, values: list[float]) -> list[float]:
-        if self.meshes is None or self.dp_size == 1:
+        """Sum per-rank loss sums over dp and pp (with a pipeline only the ranks holding a last stage,
+        or the stages holding MoE layers, contribute): the whole step's sum on every rank."""
+        if self.meshes is None or (self.dp_size == 1 and self.pp == 1):
             return values
         from parallel.grad_sync import all_reduce_sum_
 
         t = torch.tensor(values, dtype=torch.float64)
         all_reduce_sum_([t], self.meshes, "dp")
+        if self.pp > 1:
+            all_reduce_sum_([t], self.meshes, "pp")
         return t.tolist()
 
     def train_step(self) -> dict:
@@ -179,7 +264,16 @@ class Trainer:
         rows = self.train_data.batch(self.step).to(self.device)
         lm_sum, mtp_sum, aux_sum = 0.0, 0.0, 0.0
         lam = self.cfg.model.mtp_loss_weight
-        for chunk in rows.split(t.micro_batch_size):
+        pipe_wait = None
+        if self.rt is not None:  # the schedule runs every micro-batch's forward and backward (dualpipe/runtime.py)
+            if t.debug_nan_step == self.step + 1:
+                raise ValueError("train.debug_nan_step is not supported with parallel.pp > 1")
+            self.rt.step(list(rows.split(t.micro_batch_size)))
+            pipe_wait = self.rt.wait_s
+            lm_sum, mtp_sum = sum(self.rt.stats["lm_loss"]), sum(self.rt.stats["mtp_loss"])
+            aux_sum = self.rt.stats["aux_loss"]
+            self.rt.reduce_tied_grads()  # embedding copies / DualPipe's twin stages
+        for chunk in (() if self.rt is not None else rows.split(t.micro_batch_size)):
             main, mtp = lm_losses(self.model, chunk)
             if t.debug_nan_step == self.step + 1:  # test aid (train.debug_nan_step): a NaN loss at that step
                 main = main * float("nan")
@@ -192,7 +286,8 @@ class Trainer:
         if self.meshes is not None:
             reduce_gradients(self.named_params, self.meshes)
         lm_sum, mtp_sum, aux_sum = self._sum_over_dp([lm_sum, mtp_sum, aux_sum])
-        grad_norm = float(clip_grad_norm_(self.named_params, t.grad_clip, self.meshes))
+        grad_norm = float(clip_grad_norm_(self.named_params, t.grad_clip, self.meshes,
+                                          norm_params=None if self.rt is None else self.rt.owned_named_parameters()))
         timer.mark("comm")  # grad/loss/norm reductions: nothing overlaps them yet, so all of it is exposed
         n = self.n_micro * self.dp_size
         lr = lr_at(self.step, t)
@@ -210,12 +305,14 @@ class Trainer:
             "grad_norm": grad_norm, **timer.record(), "tokens_seen": self.tokens_seen, "skipped": skip is not None,
         }
         record["tokens_per_s"] = n_tokens / record["step_time_s"]
-        if self.meshes is None or self.meshes.dims.pp == 1:
-            record["time_bubble_s"] = 0.0  # no pipeline, no bubble
+        # no pipeline, no bubble; with one: the time blocked in pipeline receives (bubble + exposed P2P)
+        record["time_bubble_s"] = 0.0 if pipe_wait is None else pipe_wait
+        if pipe_wait is not None:  # the phases add up to the step time: the wait is not compute
+            record["time_compute_s"] -= pipe_wait
         if skip is not None:
             record["skip_reason"] = skip
         else:
-            record.update(moe_load_stats(self.expert_load, [m.gate.bias for m in self.moe_layers],
+            record.update(moe_load_stats(self.expert_load, self.moe_bias_abs_max(),
                                          n_tokens * self.cfg.model.n_activated_experts))
         if self.meshes is not None and self.meshes.dims.ep > 1:
             record.update(self.comm_counters.as_dict())
@@ -226,6 +323,8 @@ class Trainer:
         """b_i += gamma*sign(mean - load_i) from this step's global loads (all micro-batches, all dp ranks);
         returns those loads as a [MoE layer, expert] CPU tensor."""
         loads = [m.tokens_per_expert for m in self.moe_layers]
+        if self.rt is not None:
+            self.rt.reduce_tied_loads()  # DualPipe: each twin stage ran half of the micro-batches
         if self.meshes is not None and loads:
             from parallel.grad_sync import all_reduce_sum_
 
@@ -234,7 +333,32 @@ class Trainer:
         for m, load in zip(self.moe_layers, loads):
             update_balance_bias_(m.gate.bias, load, self.gamma)
             load.zero_()
+        if self.rt is not None:
+            out = self._gather_over_pp(out)
         return out
+
+    def _gather_over_pp(self, local_LE: torch.Tensor) -> torch.Tensor:
+        """[all MoE layers of the model, experts] from each pp rank's rows (its stages' layers; DualPipe's
+        twins hold the same, equal rows): a MAX all-reduce over pp of non-negative counts."""
+        import torch.distributed as dist
+
+        from .health import moe_layer_labels
+
+        full = torch.zeros(len(self.moe_labels), local_LE.size(1), dtype=torch.float64)
+        for label, row in zip(moe_layer_labels(self.model), local_LE):
+            full[self.moe_labels.index(label)] = row.double()
+        dist.all_reduce(full, op=dist.ReduceOp.MAX, group=self.meshes.pp)
+        return full.to(local_LE.dtype)
+
+    def moe_bias_abs_max(self) -> list[torch.Tensor]:
+        """The largest |b_i| of the MoE layers on this rank, or over the whole pipeline (collective) with pp."""
+        v = torch.tensor([max((float(m.gate.bias.abs().max()) for m in self.moe_layers), default=0.0)],
+                         dtype=torch.float64)
+        if self.rt is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(v, op=dist.ReduceOp.MAX, group=self.meshes.pp)
+        return [v]
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -242,7 +366,12 @@ class Trainer:
         self.model.eval()
         total = 0.0
         for i in range(self.cfg.train.eval_batches):
-            for chunk in self.val_data.batch(i).to(self.device).split(self.cfg.train.micro_batch_size):
+            chunks = self.val_data.batch(i).to(self.device).split(self.cfg.train.micro_batch_size)
+            if self.rt is not None:
+                losses = self.rt.forward_only(chunks, lambda stage, h, rows: stage.main_loss(h, rows))
+                total += sum(float(x) for x in losses if x is not None)
+                continue
+            for chunk in chunks:
                 main, _ = lm_losses(self.model, chunk)
                 total += main.item()
         self.model.train()
@@ -426,9 +555,8 @@ def setup_distributed(cfg):
 
     env = RuntimeEnv.from_env()
     dims = ParallelDims.from_config(cfg.parallel, env.world_size, env.local_world_size, cfg.model.n_routed_experts)
-    if dims.pp > 1:
-        raise ValueError(f"parallel.pp={dims.pp}: pipeline schedules are not wired into training yet "
-                         "(dualpipe/ has the schedules and simulator); use parallel.pp=1")
+    micro_batches_per_rank(cfg, dims.dp)
+    validate_schedule(cfg, dims.pp, dims.dp)
     if env.world_size == 1:
         return env, None
     from parallel.mesh import build_meshes, init_distributed
@@ -469,7 +597,8 @@ def _run(cfg, env, meshes) -> dict:
     P(f"moeforge: model={cfg.model.name} params total {counts['total']:,} (activated {counts['activated']:,}, "
       f"MTP {counts['mtp']:,}) device={trainer.device} fp8={'blockwise/' + cfg.fp8.backend if cfg.fp8.enabled else 'off'}")
     P(f"moeforge: {cfg.train.steps} steps x {cfg.train.global_batch_size} seqs x {cfg.train.seq_len} tokens, "
-      f"dp={trainer.dp_size}, {trainer.n_micro} micro-batches/step/rank; unigram entropy of the corpus "
+      f"pp={trainer.pp}{' schedule=' + cfg.schedule.name if trainer.pp > 1 else ''} dp={trainer.dp_size} "
+      f"ep={meshes.dims.ep if meshes else 1}, {trainer.n_micro} micro-batches/step/rank; unigram entropy of the corpus "
       f"{trainer.meta['unigram_entropy_nats']:.3f} nats/token")
     monitor = RunMonitor(run_dir, cfg, trainer)  # sinks, FLOPs/MFU, memory, GPU telemetry, heatmaps, console
     ckpt_root = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
@@ -488,7 +617,8 @@ def _run(cfg, env, meshes) -> dict:
     path = trainer.save(ckpt_root)
     sample = None
     if cfg.train.sample_tokens:  # every rank runs it: with EP each forward needs all ranks' all-to-all
-        sample = greedy_sample(trainer.model, "def ", cfg.train.sample_tokens, trainer.device)
+        sample = (greedy_sample(trainer.model, "def ", cfg.train.sample_tokens, trainer.device) if trainer.rt is None
+                  else greedy_sample_pipeline(trainer, "def ", cfg.train.sample_tokens))
     if trainer.is_main:
         from .report import plot_run
 

@@ -177,7 +177,7 @@ class RunMonitor:
         self.is_main = trainer.is_main
         self.say = trainer.print
         self.sinks = MetricsLogger(run_dir, cfg.logging, cfg.to_dict(), enabled=self.is_main)
-        self.sinks.labels = self.labels = moe_layer_labels(trainer.model)
+        self.sinks.labels = self.labels = getattr(trainer, "moe_labels", None) or moe_layer_labels(trainer.model)
         self.world = trainer.env.world_size
         self.flops_per_step, self.peak = self._flops_and_peak()
         self.telemetry = GpuTelemetry(cfg.logging.telemetry_interval, trainer.device, rank=trainer.rank,
