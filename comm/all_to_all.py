@@ -47,6 +47,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from model.moe import run_experts
+
 from .counters import ByteCounters
 from .layout import (EPTopology, dest_rank_mask, group_by_expert, plan_sends, two_hop_first_mask,
                      two_hop_second_mask)
@@ -208,13 +210,12 @@ class AllToAllDispatcher:
         return Handle(runner, finish)
 
     def compute(self, x_RD: torch.Tensor, ctx: EPContext, experts: nn.ModuleDict) -> torch.Tensor:
-        """Each received row through its local experts, weighted and summed: y_RD (a loop over experts;
-        a grouped GEMM on GPU later). `experts` is keyed by global expert id."""
+        """Each received row through its local experts, weighted and summed: y_RD. `experts` is keyed by
+        global expert id; model.moe.run_experts runs them (a loop, or one grouped call when installed)."""
         lo, hi = self.expert_range
         row, slot, counts = group_by_expert(ctx.expert_ids_RK, lo, hi)
         xs = x_RD[row]  # [M, D] copies grouped by local expert; stays linked to x_RD even when M = 0
-        outs = [experts[str(lo + e)](chunk) for e, chunk in enumerate(xs.split(counts)) if counts[e] > 0]
-        ys = torch.cat(outs) if outs else xs
+        ys = run_experts(experts, xs, counts, first=lo)
         ys = ys * ctx.weights_RK.flatten()[slot].unsqueeze(-1).to(ys.dtype)
         return torch.zeros_like(x_RD).index_add_(0, row, ys)
 

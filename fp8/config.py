@@ -14,6 +14,7 @@ class Fp8Config:
     power_of_2_scales: bool = False  # round every scale up to a power of two (exact rescaling, UE8M0-compatible)
     act_block: int = 128  # activations / gradients: 1 x act_block tiles (128 x 1 along tokens for Wgrad)
     weight_block: int = 128  # weights: weight_block x weight_block blocks
+    grouped_experts: bool = True  # routed experts as one grouped FP8 call (fp8/grouped.py), not a loop; same numerics
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

@@ -4,7 +4,8 @@ group-limited (node-limited) top-k, auxiliary-loss-free balancing bias and a seq
 The routed experts live in a ModuleDict keyed by their *global* expert index, so a state_dict key
 names the same expert whatever the expert-parallel layout. How tokens reach the experts is the
 dispatcher's business (`LocalDispatcher` here; comm/ supplies the all-to-all one): the model never
-imports torch.distributed.
+imports torch.distributed. Both dispatchers run the experts through `run_experts`, a loop unless a
+grouped runner was installed on the ModuleDict (fp8/grouped.py does; the model never imports fp8/).
 """
 from __future__ import annotations
 
@@ -105,8 +106,25 @@ class Dispatcher(Protocol):
                  experts: nn.ModuleDict) -> torch.Tensor: ...
 
 
+def run_experts(experts: nn.ModuleDict, xs_MD: torch.Tensor, counts: list[int], first: int = 0) -> torch.Tensor:
+    """Expert `first + i` (its global id, the ModuleDict key) on its counts[i] consecutive rows of xs_MD,
+    the token copies sorted by expert -> ys_MD in the same order. Both dispatchers call this.
+
+    A loop over the experts, unless `experts.run_grouped` is set: a callable (mlps, xs_MD, counts) -> ys_MD
+    that runs them all at once (fp8.grouped.apply_grouped_experts installs one GroupedExperts per MoE
+    layer: one grouped FP8 GEMM per projection). The model never imports it. With no rows at all, xs_MD
+    itself comes back (still linked to autograd, which the all-to-all backward relies on).
+    """
+    mlps = [experts[str(first + i)] for i in range(len(counts))]
+    grouped = getattr(experts, "run_grouped", None)
+    if grouped is not None and xs_MD.size(0) > 0:
+        return grouped(mlps, xs_MD, counts)
+    outs = [mlp(chunk) for mlp, chunk in zip(mlps, xs_MD.split(counts)) if chunk.size(0) > 0]
+    return torch.cat(outs) if outs else xs_MD
+
+
 class LocalDispatcher:
-    """Every expert lives here: sort token copies by expert, run each expert once, weighted scatter-add back."""
+    """Every expert lives here: sort token copies by expert, run_experts, weighted scatter-add back."""
 
     def __call__(self, x_ND, indices_NK, weights_NK, experts):
         N, K = indices_NK.shape
@@ -114,9 +132,8 @@ class LocalDispatcher:
         order = flat.argsort(stable=True)  # token copies grouped by expert
         token_of = order // K
         counts = torch.bincount(flat, minlength=len(experts)).tolist()
-        xs = x_ND[token_of]
-        outs = [experts[str(e)](chunk) for e, chunk in enumerate(xs.split(counts)) if counts[e] > 0]
-        ys = torch.cat(outs) if outs else xs.new_zeros(0, x_ND.size(1))
+        xs = x_ND[token_of]  # [N·K, D] sorted by expert
+        ys = run_experts(experts, xs, counts)
         ys = ys * weights_NK.flatten()[order].unsqueeze(-1).to(ys.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token_of, ys)
 
