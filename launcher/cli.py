@@ -92,9 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .ckpt import add_ckpt_parser
     from .plan import add_plan_parser
+    from .slurm import add_slurm_parser
 
     add_plan_parser(sub)
     add_ckpt_parser(sub)
+    add_slurm_parser(sub)
     return p
 
 

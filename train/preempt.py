@@ -8,7 +8,9 @@ runs between bytecodes, so nothing can be saved safely from inside it. The train
 `PreemptionWatcher.agreed(group)` after every step; the ranks all-reduce (MAX) the flag, so one rank
 that got the signal is enough, and every rank then saves the same step and exits with
 EXIT_PREEMPTED. A second signal of the same kind restores the default action and re-raises it, so an
-impatient second SIGTERM still kills at once.
+impatient second SIGTERM still kills at once, unless it comes within DUPLICATE_WINDOW_S of the first:
+under Slurm one notice arrives twice (slurmstepd signals every process of the step, workers included,
+and torchrun's agent forwards the copy it got), and that echo must not kill the rank mid-save.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import sys
 import time
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "temporary failure, the user is invited to retry"
+DUPLICATE_WINDOW_S = 5.0  # a repeat of the first signal this soon is the launcher's echo, not a second request
 
 
 def parse_signals(spec: str) -> list[signal.Signals]:
@@ -55,6 +58,8 @@ class PreemptionWatcher:
 
     def _handle(self, signum, frame) -> None:
         sig = signal.Signals(signum)
+        if self.received == sig and time.monotonic() - self.received_at < DUPLICATE_WINDOW_S:
+            return  # the same notice relayed by another process (torchrun's agent, srun): already noted
         if self.received == sig:  # the second one: do what the signal would have done
             signal.signal(sig, signal.SIG_DFL)
             signal.raise_signal(sig)
