@@ -13,7 +13,14 @@ between the backward of COMBINE (the reverse combine all-to-all starts in its wa
 and the backward of MLP (the start node's backward waits for it) the runtime may run other work; the
 same holds between MLP and ATTN for the reverse dispatch. Forward and backward are generators that
 `yield` exactly while one of their all-to-alls is in flight; `interleave(fwd, bwd)` alternates them:
-that is the overlapped F&B of DualPipe. With a synchronous dispatcher (ep = 1) nothing yields and the
+that is the overlapped F&B of DualPipe. The forward also yields once before its first piece, so the
+backward goes first and each all-to-all is hidden behind a whole piece of the other chunk, the
+attention pieces included (TR Figure 4):
+    computes:   B COMBINE_bwd | F ATTN    | B MLP_bwd  | F MLP      | B ATTN_bwd, COMBINE_bwd | F COMBINE, ATTN
+    in flight:  -             | B combine | F dispatch | B dispatch | F combine               | B combine  ...
+(forward first, the pair would end with the backward's last dispatch behind the forward's small
+COMBINE piece: bench/overlap_bench.py, one run at 120 Mbit/s, hid 41% of the all-to-all time
+forward-first and 53% backward-first). With a synchronous dispatcher (ep = 1) nothing yields and the
 pair runs one after the other.
 
 B and W (zero-bubble split, Qi et al. 2023). B computes, piece by piece, the gradients of the piece's
@@ -397,6 +404,10 @@ def _params(*modules: nn.Module | None) -> list[torch.Tensor]:
     return out
 
 
+def _blocks(stage) -> list[nn.Module]:
+    return list(stage.layers.values()) + [m.block for m in stage.mtp.values()]
+
+
 def _is_async(layer: nn.Module) -> bool:
     ffn = getattr(layer, "ffn", None)
     return isinstance(ffn, MoE) and hasattr(ffn.dispatcher, "dispatch_async")
@@ -456,6 +467,12 @@ def stage_forward(chunk: Chunk, stage, x: torch.Tensor | None, rows: torch.Tenso
                   overlap: bool = True) -> Generator[None, None, torch.Tensor]:
     """StageModule.forward as pieces (model.split.StageModule); on the last stage the output is
     loss / n_micro (the single-process loop's `(loss / n_micro).backward()`) and chunk.loss the loss."""
+    if overlap and any(_is_async(b) for b in _blocks(stage)):
+        # In an F&B pair (interleave(fwd, bwd)) let the backward chunk go first: its first piece starts
+        # its combine all-to-all, which this forward's embedding + attention then hide (TR Figure 4:
+        # ATTN(F) under COMBINE(B)). The pair then ends with the backward's attention hiding this
+        # forward's last combine, instead of the small COMBINE piece hiding the backward's last dispatch.
+        yield
     if stage.is_first:
         h = chunk.piece(stage.embed_tokens, rows, params=_params(stage.embed), name="embed")
     else:

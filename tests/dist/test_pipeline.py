@@ -15,7 +15,8 @@ Each rank computes the reference itself: the whole model, the same micro-batches
     parallel.grad_sync.grad_norm returns float32);
   - ep = 2 (pp 2 x ep 2, comm.AllToAllDispatcher; expert grads summed over the ep group's micro-batches)
     with the overlapped F&B: from the runtime's trace, every F&B switches between its two chunks >= 2
-    times (ATTN/MLP/COMBINE interleaved while all-to-alls are in flight); with ep = 1 or overlap off, once.
+    times (ATTN/MLP/COMBINE interleaved while all-to-alls are in flight) and starts with the backward
+    chunk; with ep = 1 or overlap off, once.
 Baselines: torch.distributed.pipelining Schedule1F1B / ScheduleDualPipeV and deepspeed's DualPipeVEngine
 on the same model and micro-batches give the same losses, bit for bit (torch: the same gradients too).
 
@@ -154,14 +155,15 @@ def _case(rank, groups, cache, name, pp, ep, overlap, split_middle_pair, dtype):
         norm_err = abs((norm - ref_norm) / ref_norm).item()
     # overlap: in each FB, how often execution switched between the forward chunk and the backward chunk
     # (1 = one after the other; with async all-to-alls, ~4 per pair of MoE layers)
-    switches = []
+    switches, backward_first = [], []
     for pieces in rt.trace:
         if "&" in pieces[0]:
             kinds = [p.split(":")[0] for p in pieces[1:]]
             switches.append(sum(a != b for a, b in zip(kinds, kinds[1:])))
+            backward_first.append("B" in kinds[0])
     return {"loss_err": loss_err, "loss_equal": loss_equal, "n_losses": n_losses, "grad_err": grad_err,
             "worst": worst, "missing": missing, "n_params": len(rt.named_parameters()), "load_ok": load_ok,
-            "fb_switches": switches, "norm_err": norm_err}
+            "fb_switches": switches, "fb_backward_first": backward_first, "norm_err": norm_err}
 
 
 class _TorchStage(__import__("torch").nn.Module):
@@ -301,6 +303,8 @@ def test_losses_and_grads_equal_single_process(results, case):
             assert r["fb_switches"], rank  # the schedule has overlapped pairs on every rank
             if ep > 1 and overlap:  # the all-to-alls of one chunk run while the other computes
                 assert min(r["fb_switches"]) >= 2 and max(r["fb_switches"]) >= 4, (rank, r["fb_switches"])
+                # the backward chunk starts the pair (TR Figure 4; dualpipe/stage.py)
+                assert all(r["fb_backward_first"]), (rank, r["fb_backward_first"])
             else:  # nothing to overlap (ep = 1) or overlap off: forward, then backward
                 assert set(r["fb_switches"]) == {1}, (rank, r["fb_switches"])
     # every micro-batch's loss came back exactly once per pipeline

@@ -1,0 +1,33 @@
+"""bench/overlap_bench.py in its smoke mode: 4 gloo ranks on loopback (no namespaces, no tc), the tiny
+model, one step of every variant. Checks that the bench runs end to end and prints one row per variant
+with numbers in every column, so that it cannot rot; the numbers themselves mean nothing at this size.
+~12 s on an idle 2-core machine (most of it the fork server importing torch and torch's pipelining)."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+VARIANTS = ["ours dualpipev, overlap", "ours dualpipev, no overlap", "ours 1f1b", "torch dualpipev", "torch 1f1b"]
+
+
+@pytest.mark.timeout(180)
+def test_overlap_bench_smoke():
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "overlap_bench.py"), "--smoke", "--no-netns"],
+                       capture_output=True, text=True, timeout=170, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    rows = {}
+    for line in p.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] in VARIANTS:
+            rows[cells[0]] = cells[1:]
+    assert sorted(rows) == sorted(VARIANTS), p.stdout
+    for label, cells in rows.items():
+        step = float(cells[0].split()[0])
+        assert step > 0, (label, cells)
+        assert all(re.fullmatch(r"-?[\d.]+%?|[\d.]+ \([\d.]+-[\d.]+\)", c) for c in cells), (label, cells)
+    assert rows["torch dualpipev"][1] == "1.00"  # the reference of the ratio column
+    assert rows["ours dualpipev, no overlap"][4] == "0%"  # the reference of "hidden"
+    assert "# goals:" in p.stdout
