@@ -19,8 +19,12 @@ with mask = "p is on my node and the row picked an expert on p" (intra-node only
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+# torch is imported inside the functions that build tensors: EPTopology and the link arithmetic stay
+# importable without it (`moeforge plan` runs with no torch in the process).
+if TYPE_CHECKING:
+    import torch
 
 LINKS = ("inter", "intra")
 
@@ -83,9 +87,13 @@ class EPTopology:
                              f"node_of={self.node_of}")
 
     def expert_rank_table(self) -> torch.Tensor:
+        import torch
+
         return torch.arange(self.n_experts) // self.experts_per_rank  # [E]: owner ep rank of each expert
 
     def expert_node_table(self) -> torch.Tensor:
+        import torch
+
         return torch.tensor(self.node_of)[self.expert_rank_table()]  # [E]: node of each expert
 
 
@@ -98,12 +106,16 @@ def plan_sends(mask_RP: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
 
 def dest_rank_mask(ids_RK: torch.Tensor, topo: EPTopology) -> torch.Tensor:
     """[R, P] bool: row r picked an expert owned by ep rank p (flat dispatch)."""
+    import torch
+
     mask = torch.zeros(ids_RK.size(0), topo.ep_size, dtype=torch.bool, device=ids_RK.device)
     return mask.scatter_(1, ids_RK // topo.experts_per_rank, True)
 
 
 def two_hop_first_mask(ids_RK: torch.Tensor, topo: EPTopology, src: int) -> torch.Tensor:
     """[R, P] bool: hop 1 sends row r once to the relay (same local index as src) of every node it picked."""
+    import torch
+
     node_hit_RM = torch.zeros(ids_RK.size(0), topo.n_nodes, dtype=torch.bool, device=ids_RK.device)
     node_hit_RM.scatter_(1, topo.expert_node_table().to(ids_RK.device)[ids_RK], True)
     relays = torch.tensor([topo.relay(src, n) for n in range(topo.n_nodes)], device=ids_RK.device)
@@ -114,6 +126,8 @@ def two_hop_first_mask(ids_RK: torch.Tensor, topo: EPTopology, src: int) -> torc
 
 def two_hop_second_mask(ids_RK: torch.Tensor, topo: EPTopology, relay: int) -> torch.Tensor:
     """[R, P] bool: hop 2 forwards row r from `relay` to the ranks of relay's node that own experts it picked."""
+    import torch
+
     mask = dest_rank_mask(ids_RK, topo)
     mask[:, torch.tensor(topo.node_of, device=mask.device) != topo.node_of[relay]] = False
     return mask
@@ -125,6 +139,8 @@ def group_by_expert(ids_RK: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tenso
     Pairs are ordered by local expert (stable in row order), so expert e's inputs are
     rows[row[sum(counts[:e]) : sum(counts[:e+1])]]; slot = r·K + k indexes the flattened weights.
     """
+    import torch
+
     K = ids_RK.size(1)
     flat = ids_RK.flatten()  # [R·K]
     local = ((flat >= lo) & (flat < hi)).nonzero().squeeze(1)  # [M] slots with a local expert
@@ -138,6 +154,8 @@ def group_by_expert(ids_RK: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tenso
 
 def nodes_per_token(ids_NK: torch.Tensor, topo: EPTopology) -> torch.Tensor:
     """[N]: how many distinct nodes a token's selected experts lie on."""
+    import torch
+
     hit = torch.zeros(ids_NK.size(0), topo.n_nodes, dtype=torch.bool, device=ids_NK.device)
     return hit.scatter_(1, topo.expert_node_table().to(ids_NK.device)[ids_NK], True).sum(dim=1)
 

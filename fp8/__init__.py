@@ -21,31 +21,45 @@ non-finite value poisons its tile's scale, so every output it touches is NaN, ne
 Typical error vs float64 on Gaussian data: ~3.7% relative (Frobenius) per GEMM, see reference.e4m3_rel_rms.
 """
 
-from fp8.config import BACKENDS, Fp8Config
-from fp8.gemm import Fp8Ops, check_backend, get_ops, unavailable_reason
-from fp8.linear import (
-    Fp8Linear,
-    Fp8LinearFunction,
-    WeightGradStore,
-    apply_fp8,
-    default_exclude,
-    set_wgrad_store,
-)
-from fp8.reference import dequantize_from_dispatch, quantize_for_dispatch
+import importlib
 
-__all__ = [
-    "BACKENDS",
-    "Fp8Config",
-    "Fp8Linear",
-    "Fp8LinearFunction",
-    "Fp8Ops",
-    "WeightGradStore",
-    "apply_fp8",
-    "check_backend",
-    "default_exclude",
-    "dequantize_from_dispatch",
-    "get_ops",
-    "quantize_for_dispatch",
-    "set_wgrad_store",
-    "unavailable_reason",
-]
+# Public name -> the submodule that defines it. Nothing is imported until a name is first used (PEP 562), so
+# `fp8.config` (the job config, `moeforge plan`) does not pull in torch. A new public name is one line here.
+_LAZY = {
+    "GroupedExperts": "grouped",
+    "GroupedLayout": "grouped",
+    "GroupedSwiGLUFunction": "grouped",
+    "apply_grouped_experts": "grouped",
+    "get_grouped_ops": "grouped",
+    "BACKENDS": "config",
+    "Fp8Config": "config",
+    "Fp8Ops": "gemm",
+    "check_backend": "gemm",
+    "get_ops": "gemm",
+    "unavailable_reason": "gemm",
+    "Fp8Linear": "linear",
+    "Fp8LinearFunction": "linear",
+    "WeightGradStore": "linear",
+    "apply_fp8": "linear",
+    "default_exclude": "linear",
+    "set_wgrad_store": "linear",
+    "dequantize_from_dispatch": "reference",
+    "quantize_for_dispatch": "reference",
+}
+_SUBMODULES = ("config", "gemm", "linear", "reference")  # `import fp8; fp8.reference` keeps working
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))

@@ -8,7 +8,7 @@ Overrides are the job's own (model=, train.*, parallel.*, fp8=; through launcher
 train.micro_batch_size and train.global_batch_size default to model.max_seq_len, 1 and TR §4.2's 15360
 sequences when not given. Nothing is built: every number comes from one of
   - model/flops.py: parameters, FLOPs per token and per module (the one place of that arithmetic);
-  - model/split.py stage_layers: which modules each pipeline stage holds (the runtime's split);
+  - model/stages.py stage_layers: which modules each pipeline stage holds (model/split.py's, the runtime's split);
   - dualpipe/schedule.py + simulate.py: the action lists, their makespan and bubble;
   - comm/layout.py: which ep rank and node each routed token goes to, flat or two-hop;
   - conf/cluster/*.yaml: memory, peak FLOP rates, link bandwidths, an efficiency factor.
@@ -26,9 +26,13 @@ The model, explicitly (docs/plan.md has the same with the reasons):
           FP32 master weights (ZeRO-1 shards them with the moments; --master-weights full keeps them
           whole, as parallel/zero.py does today), AdamW moments (train.moment_dtype) over dp (dense) and
           edp (experts); plus the activations of the chunks in flight (activation_bytes_per_token).
-  EP      uniform routing: i.i.d. N(0, 1) router logits through model.moe.Gate itself (bias 0), a seeded
-          Monte Carlo of 8192 tokens; `ep_bytes_for_routing` turns routing into the bytes each rank's
+  EP      uniform routing: i.i.d. N(0, 1) router logits through model.moe.Gate's selection (bias 0), a
+          seeded Monte Carlo of 8192 tokens; `ep_bytes_for_routing` turns routing into the bytes each rank's
           comm.counters.ByteCounters records (tests/dist/test_plan_bytes.py checks it against a real run).
+
+The plan imports neither torch nor hydra (tests/unit/test_plan.py checks): the Monte Carlo runs in numpy
+(`gate_indices`, held equal to model.moe.Gate by a test), and plain overrides are composed from conf/
+without hydra (`compose_without_hydra`, held equal to launcher.config; anything else goes to hydra).
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ import argparse
 import dataclasses
 import functools
 import math
+import re
 from dataclasses import dataclass, field, fields
 from importlib import resources
 
@@ -91,33 +96,41 @@ def load_cluster(values: dict[str, str]) -> Cluster:
 def ep_bytes_for_routing(indices, topo, dim: int, x_bytes: int, fp8: bool, two_hop: bool) -> list[dict]:
     """What each ep rank's ByteCounters records for one MoE layer's dispatch + combine, forward and backward.
 
-    indices[p]: the global expert ids [N_p, K] picked by ep rank p's tokens. Returns, per rank, a dict
-    {(event, link, part): bytes} with the keys of ByteCounters.bytes (zero entries left out). Rows follow
-    comm.layout: flat sends a token once to each rank owning one of its experts; two-hop sends it once to
-    the relay (same local index) of each node it picked, and the relay forwards it once to each rank of
-    its node owning one of its experts. The backward and the combine send the same rows the other way.
+    indices[p]: the global expert ids [N_p, K] picked by ep rank p's tokens (a numpy array or a CPU
+    tensor). Returns, per rank, a dict {(event, link, part): bytes} with the keys of ByteCounters.bytes
+    (zero entries left out). Rows follow comm.layout: flat sends a token once to each rank owning one of
+    its experts; two-hop sends it once to the relay (same local index) of each node it picked, and the
+    relay forwards it once to each rank of its node owning one of its experts. The backward and the
+    combine send the same rows the other way. numpy, not torch: the plan runs without torch.
     """
-    return _bytes_from_rows(_routed_rows(indices, topo), topo, indices[0].size(1), dim, x_bytes, fp8, two_hop)
+    import numpy as np
+
+    K = np.asarray(indices[0]).shape[1]
+    return _bytes_from_rows(_routed_rows(indices, topo), topo, K, dim, x_bytes, fp8, two_hop)
 
 
 def _routed_rows(indices, topo):
-    """([src, dst] tokens of src with an expert on ep rank dst, [src, node] tokens of src picking that node)."""
-    import torch
+    """([src, dst] tokens of src with an expert on ep rank dst, [src, node] tokens of src picking that node):
+    comm.layout's dest_rank_mask and nodes_per_token, summed per source rank."""
+    import numpy as np
 
-    from comm.layout import dest_rank_mask
-
-    src = torch.cat([torch.full((ids.size(0),), p) for p, ids in enumerate(indices)])  # [N]: the token's rank
-    every = torch.cat(list(indices))  # [N, K]
-    hit_rank = dest_rank_mask(every, topo).long()  # [N, P]
-    node_NK = topo.expert_node_table()[every]
-    hit_node = torch.zeros(every.size(0), topo.n_nodes, dtype=torch.long).scatter_(1, node_NK, 1)  # [N, M]
-    n = torch.zeros(len(indices), topo.ep_size, dtype=torch.long).index_add_(0, src, hit_rank)
-    hit = torch.zeros(len(indices), topo.n_nodes, dtype=torch.long).index_add_(0, src, hit_node)
+    rank_of = np.arange(topo.n_experts) // topo.experts_per_rank  # [E]: topo.expert_rank_table()
+    node_of = np.asarray(topo.node_of)[rank_of]  # [E]: topo.expert_node_table()
+    n = np.zeros((len(indices), topo.ep_size), dtype=np.int64)
+    hit = np.zeros((len(indices), topo.n_nodes), dtype=np.int64)
+    for p, ids in enumerate(indices):
+        ids_NK = np.asarray(ids)
+        rows = np.arange(ids_NK.shape[0])[:, None]
+        hit_rank = np.zeros((ids_NK.shape[0], topo.ep_size), dtype=bool)
+        hit_rank[rows, rank_of[ids_NK]] = True  # [N, P]
+        hit_node = np.zeros((ids_NK.shape[0], topo.n_nodes), dtype=bool)
+        hit_node[rows, node_of[ids_NK]] = True  # [N, M]
+        n[p], hit[p] = hit_rank.sum(0), hit_node.sum(0)
     return n, hit
 
 
 def _bytes_from_rows(rows, topo, K: int, dim: int, x_bytes: int, fp8: bool, two_hop: bool) -> list[dict]:
-    import torch
+    import numpy as np
 
     n, hit = rows
     P = topo.ep_size
@@ -126,13 +139,14 @@ def _bytes_from_rows(rows, topo, K: int, dim: int, x_bytes: int, fp8: bool, two_
         topo.check_two_hop()
         on = [topo.ranks_on(m) for m in range(topo.n_nodes)]
         local = [s - on[topo.node_of[s]][0] for s in range(P)]  # topo.local_index, without its O(P) lookups
-        relay = torch.tensor([[on[m][local[s]] for m in range(topo.n_nodes)] for s in range(P)])  # [P, M]: topo.relay
-        h1 = torch.zeros(P, P, dtype=torch.long).scatter_(1, relay, hit)  # hop 1: src -> relay of each node
-        h2 = torch.zeros(P, P, dtype=torch.long)  # hop 2: relay -> the owners on its node
-        h2.index_put_((relay[:, list(topo.node_of)].flatten(), torch.arange(P).repeat(P)), n.flatten(), accumulate=True)
+        relay = np.array([[on[m][local[s]] for m in range(topo.n_nodes)] for s in range(P)])  # [P, M]: topo.relay
+        h1 = np.zeros((P, P), dtype=np.int64)  # hop 1: src -> relay of each node
+        h1[np.arange(P)[:, None], relay] = hit
+        h2 = np.zeros((P, P), dtype=np.int64)  # hop 2: relay -> the owners on its node
+        np.add.at(h2, (relay[:, list(topo.node_of)].ravel(), np.tile(np.arange(P), P)), n.ravel())
         hops = [h1, h2]
-    node_of = torch.tensor(topo.node_of)
-    link = {"intra": (node_of[:, None] == node_of[None, :]) & ~torch.eye(P, dtype=torch.bool),
+    node_of = np.asarray(topo.node_of)
+    link = {"intra": (node_of[:, None] == node_of[None, :]) & ~np.eye(P, dtype=bool),
             "inter": node_of[:, None] != node_of[None, :]}
     x_out = dim + 4 * math.ceil(dim / 128) if fp8 else dim * x_bytes  # dispatch direction: E4M3 + fp32 scales
     x_back = dim * x_bytes  # combine forward and dispatch backward stay in the activation dtype
@@ -145,33 +159,53 @@ def _bytes_from_rows(rows, topo, K: int, dim: int, x_bytes: int, fp8: bool, two_
                     out[s][(event, lk, part)] = out[s].get((event, lk, part), 0) + r * row_bytes
 
     for h in hops:
-        add(torch.ones(P, P, dtype=torch.long), "dispatch_fwd", "counts", 8)  # one count exchange per hop
+        add(np.ones((P, P), dtype=np.int64), "dispatch_fwd", "counts", 8)  # one count exchange per hop
         add(h, "dispatch_fwd", "x", x_out)
         add(h, "dispatch_fwd", "meta", 8 * K)  # gate weights fp32 + expert ids int32
         add(h, "combine_bwd", "x", x_out)
-        add(h.t(), "dispatch_bwd", "x", x_back)
-        add(h.t(), "dispatch_bwd", "meta", 4 * K)  # gate-weight grads
-        add(h.t(), "combine_fwd", "x", x_back)
+        add(h.T, "dispatch_bwd", "x", x_back)
+        add(h.T, "dispatch_bwd", "meta", 4 * K)  # gate-weight grads
+        add(h.T, "combine_fwd", "x", x_back)
     return out
+
+
+def gate_indices(args, logits_NE):
+    """The expert ids [N, K] model.moe.Gate picks from router logits [N, E] with its bias at 0, in numpy:
+    sigmoid (or softmax) scores, groups ranked by the sum of their top-2 scores, the n_limited_groups best
+    kept, top-K over those (ids in no particular order). tests/unit/test_plan.py holds it equal to Gate."""
+    import numpy as np
+
+    x = np.asarray(logits_NE, dtype=np.float32)
+    N, E = x.shape
+    if args.score_func == "sigmoid":
+        select = 1 / (1 + np.exp(-x))
+    else:
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        select = e / e.sum(axis=-1, keepdims=True)
+    if args.n_expert_groups > 1:
+        grouped = select.reshape(N, args.n_expert_groups, -1)  # [N, G, E/G]
+        group_scores = np.sort(grouped, axis=-1)[..., -2:].sum(axis=-1)  # [N, G]
+        keep = np.argpartition(-group_scores, args.n_limited_groups - 1, axis=-1)[:, :args.n_limited_groups]
+        dropped = np.ones(group_scores.shape, dtype=bool)
+        dropped[np.arange(N)[:, None], keep] = False
+        select = np.where(dropped[..., None], -np.inf, grouped).reshape(N, E)
+    K = args.n_activated_experts
+    return np.argpartition(-select, K - 1, axis=-1)[:, :K]
 
 
 @functools.lru_cache(maxsize=4)
 def _uniform_ids(args, seed: int = 0):
-    import torch
+    import numpy as np
 
-    from model.moe import Gate
-
-    E = args.n_routed_experts
-    gate = Gate(dataclasses.replace(args, dim=E, dtype="float32"))  # weight = I: the gate sees the logits
-    with torch.no_grad():
-        gate.weight.copy_(torch.eye(E))
-        logits = torch.randn(MC_TOKENS, E, generator=torch.Generator().manual_seed(seed))
-        return gate(logits)[1]
+    logits = np.random.default_rng(seed).standard_normal((MC_TOKENS, args.n_routed_experts), dtype=np.float32)
+    return gate_indices(args, logits)
 
 
 def uniform_routing(args, ep: int, seed: int = 0) -> tuple:
-    """Per ep rank, MC_TOKENS/ep tokens routed by model.moe.Gate from i.i.d. N(0,1) logits (bias 0)."""
-    return tuple(_uniform_ids(args, seed).chunk(ep))
+    """Per ep rank, MC_TOKENS/ep tokens routed as model.moe.Gate routes i.i.d. N(0,1) logits (bias 0)."""
+    import numpy as np
+
+    return tuple(np.array_split(_uniform_ids(args, seed), ep))
 
 
 @dataclass(frozen=True)
@@ -194,18 +228,14 @@ ALL_MODES = ((False, False), (False, True), (True, False), (True, True))  # (two
 @functools.lru_cache(maxsize=64)
 def ep_traffic(args, ep: int, ranks_per_node: int, x_bytes: int, modes=ALL_MODES) -> dict:
     """{(two_hop, fp8): EPTraffic} of one MoE layer under uniform routing, averaged over the ep ranks."""
-    import torch
-
-    from comm.layout import EPTopology, dest_rank_mask, nodes_per_token
+    from comm.layout import EPTopology
 
     if ep == 1:
         return {m: EPTraffic({}, {}, 1.0, 1.0) for m in modes}
     topo = EPTopology.from_ranks(list(range(ep)), args.n_routed_experts, ranks_per_node)
-    ids = uniform_routing(args, ep)
-    every = torch.cat(ids)
-    n = every.size(0)
-    ranks, nodes = dest_rank_mask(every, topo).sum().item() / n, nodes_per_token(every, topo).sum().item() / n
-    rows = _routed_rows(ids, topo)
+    rows = _routed_rows(uniform_routing(args, ep), topo)
+    n = MC_TOKENS
+    ranks, nodes = rows[0].sum().item() / n, rows[1].sum().item() / n
     out = {}
     for two_hop, fp8 in modes:
         if two_hop and len({len(topo.ranks_on(m)) for m in range(topo.n_nodes)}) > 1:
@@ -278,10 +308,10 @@ class Stage:
 
 
 def build_stages(args, n_stages: int, seq_len: int, fp8: bool) -> list[Stage]:
-    """Per stage of model.split.stage_layers (the split the runtime uses): params, forward FLOPs per
+    """Per stage of model.stages.stage_layers (the split the runtime uses): params, forward FLOPs per
     token, activations per token."""
     from model.flops import attention_flops_per_token, parts
-    from model.split import stage_layers
+    from model.stages import stage_layers
 
     attn = attention_flops_per_token(args, seq_len)
     by_fqn: dict[str, list] = {}
@@ -666,6 +696,144 @@ def render_search(plans: list, misfits: int, cfg, cluster: Cluster, schedule: st
     return "\n".join(L)
 
 
+# ---- config without hydra ---------------------------------------------------------------------------
+# Composing conf/ through hydra costs ~0.4 s (its import, the defaults tree, OmegaConf nodes): most of a
+# plan. Plain overrides are composed here from the same YAML into the same JobConfig; whatever this
+# cannot be sure to read as hydra does goes to hydra, which also writes every error (naming the key).
+_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\Z")
+_INT = re.compile(r"[+-]?\d+\Z")
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\Z")  # ints too
+_WORD = re.compile(r"[\w/.][\w/.-]*\Z")  # a string hydra's grammar reads as itself, unless a number or keyword
+_KEYWORDS = ("true", "false", "null", "inf", "nan")
+_REF = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")
+
+
+class _Unsure(Exception):
+    """Hydra might read this differently: compose with hydra instead."""
+
+
+class _Arg(str):
+    """A value from the command line (hydra's override grammar), not from YAML."""
+
+
+def _typed(type_name: str, v):
+    """A leaf value as the schema's OmegaConf node would hold it, for the plain cases only."""
+    base, optional = type_name.removesuffix(" | None"), type_name.endswith(" | None")
+    if isinstance(v, _Arg):
+        if v == "null" and optional:
+            return None
+        if base == "int" and _INT.match(v):
+            return int(v)
+        if base == "float" and _FLOAT.match(v):
+            return float(v)
+        if base == "bool" and v in ("true", "false"):
+            return v == "true"
+        if base == "str" and _WORD.match(v) and not _FLOAT.match(v) and v.lower() not in _KEYWORDS:
+            return str(v)
+    elif v is None:
+        if optional:
+            return None
+    elif (base, type(v)) in (("int", int), ("bool", bool), ("str", str), ("float", float), ("float", int)):
+        return float(v) if base == "float" else v
+    raise _Unsure(f"{type_name} <- {v!r}")
+
+
+def _build(cls, node: dict, tree: dict):
+    """cls(**node) with every leaf typed by cls's fields and ${a.b} references resolved in `tree`."""
+    by_name = {f.name: f for f in fields(cls)}
+    if not isinstance(node, dict) or set(node) - set(by_name):
+        raise _Unsure(f"{cls.__name__}: {sorted(node)}")
+    kw = {}
+    for name, v in node.items():
+        f = by_name[name]
+        if dataclasses.is_dataclass(f.default_factory):
+            kw[name] = _build(f.default_factory, v, tree)
+            continue
+        if type(v) is str and "${" in v:
+            v = _interpolate(v, tree)
+        kw[name] = _typed(f.type, v)
+    return cls(**kw)
+
+
+def _interpolate(v: str, tree: dict):
+    """OmegaConf's ${a.b} for plain references to plain YAML values: "${a.b}" keeps the value's type."""
+    def look(ref: str):
+        node = tree
+        for k in ref.split("."):
+            if not isinstance(node, dict) or k not in node:
+                raise _Unsure(ref)
+            node = node[k]
+        if isinstance(node, (dict, _Arg)) or type(node) is str and "${" in node:
+            raise _Unsure(ref)
+        return node
+
+    whole = _REF.fullmatch(v)
+    if whole:
+        return look(whole[1])
+    out = _REF.sub(lambda m: str(look(m[1])), v)
+    if "${" in out or "\\" in v:
+        raise _Unsure(v)
+    return out
+
+
+def compose_without_hydra(overrides: list[str]):
+    """launcher.config.load_job_config(overrides) for `group=option` and `a.b=value` overrides with plain
+    values (ints, floats, true/false, null, words), from conf/ by the same rules; None for anything else
+    (other override syntax, an unknown key or option, a value of another type, a failed check).
+    tests/unit/test_plan.py holds the two equal."""
+    import yaml
+
+    from .config import JobConfig
+
+    root = resources.files("conf")
+    primary = yaml.safe_load((root / "config.yaml").read_text())
+    defaults = primary.pop("defaults", None)
+    if not isinstance(defaults, list) or "_self_" not in defaults:
+        return None
+    group_names = {next(iter(d)) for d in defaults if isinstance(d, dict) and len(d) == 1}
+    chosen, args = {}, {}
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        if not eq or not _KEY.match(key) or key in chosen or key in args:
+            return None
+        if key in group_names:
+            chosen[key] = value
+        else:
+            args[key] = _Arg(value)
+    tree: dict = {}
+    for d in defaults:
+        if d == "_self_":
+            for k, v in primary.items():
+                tree[k] = {**tree[k], **v} if isinstance(v, dict) and isinstance(tree.get(k), dict) else v
+            continue
+        if not isinstance(d, dict) or len(d) != 1:
+            return None
+        (group, option), = d.items()
+        option = chosen.get(group, option)
+        if option is None:  # an optional group nobody chose (experiment: null)
+            continue
+        path = root / group / f"{option}.yaml"
+        if not _WORD.match(str(option)) or not path.is_file():
+            return None
+        text = path.read_text()
+        body = yaml.safe_load(text) or {}
+        if "@package" in text or not isinstance(body, dict) or "defaults" in body:
+            return None
+        tree[group] = {**tree.get(group, {}), **body}
+    for key, value in args.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for k in parents:
+            node = node.get(k) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node or isinstance(node[leaf], dict):
+            return None  # hydra: "Could not override 'train.stepz'"
+        node[leaf] = value
+    try:
+        return _build(JobConfig, tree, tree)
+    except (_Unsure, ValueError, TypeError):
+        return None
+
+
 # ---- CLI --------------------------------------------------------------------------------------------
 def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
     """(the job's hydra overrides, {cluster key: value})."""
@@ -683,10 +851,12 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
 
 def load_plan_config(overrides: list[str]):
     """(JobConfig with plan defaults for the train keys not given, Cluster, the defaults applied)."""
-    from .config import load_job_config
-
     job, cl = split_overrides(overrides)
-    cfg = load_job_config(job)
+    cfg = compose_without_hydra(job)
+    if cfg is None:
+        from .config import load_job_config
+
+        cfg = load_job_config(job)
     given = {o.partition("=")[0].lstrip("+~") for o in job}
     defaults = {"seq_len": cfg.model.max_seq_len, "micro_batch_size": 1, "global_batch_size": TR_BATCH}
     defaults = {k: v for k, v in defaults.items() if f"train.{k}" not in given}

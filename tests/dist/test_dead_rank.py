@@ -59,7 +59,8 @@ def test_launch_reports_the_dead_rank():
     cmd = ["timeout", "-s", "KILL", "100", sys.executable, "-m", "launcher.torchrun", "--nproc-per-node", "2",
            "--monitor-interval", "0.5", "parallel.selfcheck", "--rounds", "3", "--die-rank", "1",
            "--die-after", "2", "--timeout", str(PG_TIMEOUT_S)]
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # torchrun's default: 1 thread a rank
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     out = p.stdout + p.stderr
     assert p.returncode not in (0, -9, 137), out  # failed, and not by the outer timeout
     assert "ChildFailedError" in out and "parallel.selfcheck FAILED" in out, out

@@ -34,7 +34,7 @@ def launch_cmd(host, rdzv_host, is_host: bool, *selfcheck_args: str) -> list[str
 def run_both(a, b, *selfcheck_args):
     procs = []
     for h, is_host in ((a, True), (b, False)):
-        env = {**os.environ, **h.env(), "PYTHONPATH": str(REPO)}
+        env = {**os.environ, **h.env(), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen(launch_cmd(h, a, is_host, *selfcheck_args), cwd=REPO, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate()[0] for p in procs]
@@ -91,7 +91,7 @@ def test_two_hosts_train_five_steps(hosts, stdlib_data, tmp_path):
             f"data.dir={stdlib_data}", f"run_dir={tmp_path}", "train.steps=5", "train.seq_len=32",
             "train.global_batch_size=8", "train.micro_batch_size=2", "train.eval_interval=5",
             "train.sample_tokens=0", "logging.progress=false", "parallel.ep=4", "parallel.timeout_s=60"])]
-        env = {**os.environ, **h.env(), "PYTHONPATH": str(REPO)}
+        env = {**os.environ, **h.env(), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     outs = [p.communicate()[0] for p in procs]

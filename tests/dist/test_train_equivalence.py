@@ -7,6 +7,7 @@ weights differ by rounding (~1e-7 relative) after the first step and the losses 
 Expert parallelism (ep=2, ep=4) must meet the same bound: the all-to-all moves tokens, not sums.
 """
 import json
+import os
 import subprocess
 import sys
 
@@ -20,6 +21,12 @@ COMMON = ["train.steps=20", "train.seq_len=32", "train.global_batch_size=16", "t
           "train.eval_interval=10", "train.sample_tokens=0", "logging.progress=false"]
 
 
+# One intra-op thread per rank (torchrun's default when the variable is unset), as in the reference below:
+# four ranks with two threads each on a 2-core machine spin instead of computing.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, stdlib_data):
     out = tmp_path_factory.mktemp("single")
@@ -30,7 +37,7 @@ def single(tmp_path_factory, stdlib_data):
 def launch4(run_dir, data, *extra):
     cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc-per-node", "4",
            f"data.dir={data}", f"run_dir={run_dir}", "parallel.timeout_s=60", *COMMON, *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=ENV)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return read_metrics(run_dir / "metrics.jsonl"), out
 

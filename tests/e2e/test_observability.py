@@ -13,11 +13,13 @@ from train.loop import Trainer, run
 from train.metrics import read_metrics
 
 HAVE_FLOPS = importlib.util.find_spec("model.flops") is not None
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model in this process: one intra-op thread
 
 
 def cfg_for(tmp, data, *extra):
     return load_job_config([f"data.dir={data}", f"run_dir={tmp}", "logging.progress=false", "train.sample_tokens=0",
-                            "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=4", *extra])
+                            "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=4",
+                            "train.eval_batches=1", *extra])
 
 
 def test_metrics_file_heatmaps_summary_and_report(tmp_path, stdlib_data, capsys):

@@ -30,7 +30,12 @@ from train.preempt import EXIT_PREEMPTED, PreemptionWatcher, parse_signals
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 10
 TINY = ["train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=2", "train.sample_tokens=0",
-        "logging.progress=false", "train.eval_interval=4", f"train.steps={STEPS}", "parallel.timeout_s=30"]
+        "logging.progress=false", "train.eval_interval=4", "train.eval_batches=1", f"train.steps={STEPS}",
+        "parallel.timeout_s=30"]
+# One intra-op thread per process (torchrun's own default): tiny GEMMs gain nothing from a second thread,
+# and on a loaded 2-core machine spinning OpenMP threads make a run several times slower.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TREE_EVERY_S = 0.5  # how often the job's process tree is rescanned (a /proc walk costs ~5 ms of CPU)
 KEYS = ("step", "loss", "mtp_loss", "aux_loss", "lr", "grad_norm", "val_loss", "tokens_seen",
         "expert_load_max_over_mean", "moe_bias_abs_max")
 
@@ -181,11 +186,19 @@ class Job:
         self.run_dir = run_dir
         self.log = open(run_dir.parent / f"{run_dir.name}.log", "a")
         self.proc = subprocess.Popen(["timeout", "-s", "KILL", str(limit_s), sys.executable, "-m", "launcher.cli", *args],
-                                     cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+                                     cwd=REPO, env=ENV, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         self.seen: set[int] = set()
+        self.scanned = 0.0
         self.deadline = time.monotonic() + limit_s + 10
 
+    def watch(self) -> None:
+        """tree(), at most every TREE_EVERY_S: polling loops call this, so the workers are tracked cheaply."""
+        if time.monotonic() - self.scanned >= TREE_EVERY_S:
+            self.tree()
+
     def tree(self) -> set[int]:
+        self.scanned = time.monotonic()
         kids, ppids = {self.proc.pid}, _ppid_map()
         grew = True
         while grew:
@@ -225,14 +238,23 @@ class Job:
 
     def wait_for_step(self, step: int) -> None:
         while self.steps_logged() < step:
-            self.tree()
+            self.watch()
             assert self.proc.poll() is None, f"job ended (rc {self.proc.returncode}) before step {step}:\n{self.output()}"
             assert time.monotonic() < self.deadline, f"no step {step} in time:\n{self.output()}"
             time.sleep(0.05)
 
+    def wait_for_checkpoint(self) -> None:
+        """Until a whole checkpoint exists: a kill before the first async save has finished would test a
+        fresh start, not a resume."""
+        while ckpt.latest_whole(self.run_dir / "checkpoints", log=lambda msg: None) is None:
+            self.watch()
+            assert self.proc.poll() is None, f"job ended (rc {self.proc.returncode}), no checkpoint:\n{self.output()}"
+            assert time.monotonic() < self.deadline, f"no whole checkpoint in time:\n{self.output()}"
+            time.sleep(0.05)
+
     def wait(self) -> int:
         while self.proc.poll() is None:
-            self.tree()
+            self.watch()
             time.sleep(0.2)
         return self.proc.returncode
 
@@ -288,10 +310,11 @@ def assert_same_run(ref_dir: Path, run_dir: Path):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, stdlib_data):
-    """The uninterrupted single-process run (a subprocess, like the runs it is compared with)."""
+    """The uninterrupted single-process run (a subprocess, like the runs it is compared with). It saves
+    only at the end: interval saves leave the training state alone (the SIGTERM run has none)."""
     run_dir = tmp_path_factory.mktemp("ref") / "run"
     run_dir.mkdir()
-    run_job(train_args(run_dir, stdlib_data, "checkpoint.interval=2"), run_dir)
+    run_job(train_args(run_dir, stdlib_data), run_dir)
     return run_dir
 
 
@@ -304,6 +327,7 @@ def test_kill9_then_rerun_reproduces_the_uninterrupted_run(reference, tmp_path, 
     job = Job(args, run_dir, 300)
     try:
         job.wait_for_step(k)
+        job.wait_for_checkpoint()
         os.kill(job.child(), signal.SIGKILL)
         assert job.wait() in (-signal.SIGKILL, 128 + signal.SIGKILL)
     finally:
@@ -341,7 +365,7 @@ def test_sigterm_saves_the_step_exits_75_and_resumes(reference, tmp_path, stdlib
 def launch_reference(tmp_path_factory, stdlib_data):
     run_dir = tmp_path_factory.mktemp("launch_ref") / "run"
     run_dir.mkdir()
-    run_job(launch_args(run_dir, stdlib_data, "checkpoint.interval=2", restarts=0), run_dir)
+    run_job(launch_args(run_dir, stdlib_data, restarts=0), run_dir)  # saves at the end only, as `reference`
     return run_dir
 
 
@@ -358,6 +382,7 @@ def test_launch_survives_kill9_and_a_preemption_signal_on_one_rank(launch_refere
     job = Job(launch_args(run_dir, stdlib_data, "checkpoint.interval=2", restarts=2), run_dir, 360)
     try:
         job.wait_for_step(k1)
+        job.wait_for_checkpoint()
         os.kill(job.rank_pid(1, attempt=0), signal.SIGKILL)
         job.wait_for_step(k2)  # logged by the restarted group (metrics were trimmed to its checkpoint)
         os.kill(job.rank_pid(1, attempt=1), signal.SIGUSR1)

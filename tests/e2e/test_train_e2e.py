@@ -1,5 +1,6 @@
 """The tiny model through the real loop: determinism, learning, run-dir contents, the CLI."""
 import json
+import os
 import subprocess
 import sys
 
@@ -9,6 +10,8 @@ from launcher.config import load_job_config
 from train.loop import run
 from train.metrics import read_metrics
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model in this process: one intra-op thread
+
 
 def cfg_for(tmp, data, *extra):
     return load_job_config([f"data.dir={data}", f"run_dir={tmp}", "logging.progress=false",
@@ -16,7 +19,7 @@ def cfg_for(tmp, data, *extra):
 
 
 def test_same_seed_same_losses_bit_for_bit(tmp_path, stdlib_data):
-    extra = ["train.steps=4", "train.eval_interval=2", "train.seq_len=64"]
+    extra = ["train.steps=4", "train.eval_interval=2", "train.eval_batches=1", "train.seq_len=64"]
     run(cfg_for(tmp_path / "a", stdlib_data, *extra))
     run(cfg_for(tmp_path / "b", stdlib_data, *extra))
     a, b = read_metrics(tmp_path / "a/metrics.jsonl"), read_metrics(tmp_path / "b/metrics.jsonl")
@@ -30,19 +33,20 @@ def test_same_seed_same_losses_bit_for_bit(tmp_path, stdlib_data):
 @pytest.mark.timeout(600)
 def test_validation_loss_falls_well_below_unigram_entropy(tmp_path, stdlib_data):
     """A model that learned nothing beyond byte frequencies scores the unigram entropy (3.27 nats on
-    CPython 3.11's stdlib); 250 steps of tiny must get at least 0.5 nats below it."""
-    s = run(cfg_for(tmp_path, stdlib_data, "train.steps=250", "train.seq_len=64", "train.micro_batch_size=16",
-                    "train.eval_interval=250"))
+    CPython 3.11's stdlib); 175 steps of tiny must get at least 0.5 nats below it (measured: 2.53 nats,
+    0.74 below; 2.62 after 150 steps, 2.38 after 250)."""
+    s = run(cfg_for(tmp_path, stdlib_data, "train.steps=175", "train.seq_len=64", "train.micro_batch_size=16",
+                    "train.eval_interval=175"))
     assert s["val_loss"] < s["unigram_entropy"] - 0.5, s
 
 
-def test_cli_train_writes_the_run_dir(tmp_path, stdlib_data):
+def test_cli_train_writes_the_run_dir(tmp_path, stdlib_data, capsys):
     run_dir = tmp_path / "run"
     out = subprocess.run(
         [sys.executable, "-m", "launcher.cli", "train", f"data.dir={stdlib_data}", f"run_dir={run_dir}",
-         "train.steps=3", "train.eval_interval=3", "train.seq_len=32", "train.sample_tokens=8",
-         "checkpoint.interval=2"],
-        capture_output=True, text=True, timeout=300)
+         "train.steps=3", "train.eval_interval=3", "train.eval_batches=1", "train.seq_len=32",
+         "train.sample_tokens=8", "checkpoint.interval=2"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3]
@@ -55,9 +59,9 @@ def test_cli_train_writes_the_run_dir(tmp_path, stdlib_data):
     assert [p.name for p in ckpts] == ["step_00000002", "step_00000003"]
     assert json.loads((ckpts[-1] / "manifest.json").read_text())["step"] == 3
     assert "greedy sample" in out.stdout and str(run_dir / "loss.png") in out.stdout
-    rep = subprocess.run([sys.executable, "-m", "launcher.cli", "report", str(run_dir)],
-                         capture_output=True, text=True, timeout=120)
-    assert rep.returncode == 0 and "throughput.png" in rep.stdout
+    from launcher.cli import main  # `moeforge report`, in this process: `python -m launcher.cli` ran above
+
+    assert main(["report", str(run_dir)]) == 0 and "throughput.png" in capsys.readouterr().out
 
 
 def test_checkpoint_is_whole_only_with_manifest(tmp_path):
