@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fp8 import Fp8Config, apply_fp8  # noqa: E402
 from fp8 import reference as R  # noqa: E402
+from fp8_gemm import log, rel, time_ms  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 M_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3),
              dict(BLOCK_M=128, BLOCK_N=256, GROUP_M=8, num_warps=8, num_stages=3)]
@@ -44,10 +45,6 @@ SMOKE_SHAPES = [("smoke", 3, 100, 128, 256)]
 QUANT_ROWS, QUANT_DIM, SWIGLU_DIM = 16384, 7168, 2048
 
 
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
 class Timer:
     def __init__(self, dev: str, smoke: bool):
         self.cuda, self.smoke = dev == "cuda", smoke
@@ -55,26 +52,14 @@ class Timer:
     def ms(self, fn, warmup: int = 3, reps: int = 10) -> float:
         if self.smoke:
             warmup, reps = 0, 1
+        if self.cuda:
+            return time_ms(fn, warmup, reps)  # CUDA events, median (bench/fp8_gemm.py)
         for _ in range(warmup):
             fn()
-        if not self.cuda:
-            t = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            return (time.perf_counter() - t) / reps * 1e3
-        torch.cuda.synchronize()
-        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for s, e in ev:
-            s.record()
+        t = time.perf_counter()
+        for _ in range(reps):
             fn()
-            e.record()
-        torch.cuda.synchronize()
-        t = sorted(s.elapsed_time(e) for s, e in ev)
-        return t[len(t) // 2]
-
-
-def rel(c, ref) -> float:
-    return ((c.double() - ref.double()).norm() / ref.double().norm()).item()
+        return (time.perf_counter() - t) / reps * 1e3
 
 
 def counts_for(G: int, m: int, ragged: bool, seed: int = 0) -> list[int]:

@@ -216,12 +216,8 @@ def _torch(cfg: Config, args, schedule, pp_rank, pp_group, ep_group, ep_rank):
             super().__init__()
             self.stage = stage
 
-        def forward(self, x):
-            st = self.stage
-            h = st.embed_tokens(x) if st.is_first else x
-            for layer in st.layers.values():
-                h = layer(h, st.angles)
-            return h
+        def forward(self, x):  # the first stage gets the token rows as x
+            return self.stage.hidden(None, x) if self.stage.is_first else self.stage.hidden(x)
 
     model, stages, counters = _build(args, schedule, pp_rank, ep_group, ep_rank)
     S = num_stages(schedule, PP)

@@ -29,6 +29,7 @@ See docs/pipeline.md for the per-step calling sequence of a trainer.
 from __future__ import annotations
 
 import datetime
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -189,9 +190,7 @@ class PipelineRuntime:
                         what = f"forward_only recv {s}F{m}<{prev}"
                         self._wait(dist.batch_isend_irecv(
                             [dist.P2POp(dist.irecv, h, self._global(prev), self.pp_group)]), what)
-                    x = stage.embed_tokens(rows) if stage.is_first else h
-                    for layer in stage.layers.values():
-                        x = layer(x, stage.angles)
+                    x = stage.hidden(h, rows)
                     if stage.is_last:
                         out[m] = last(stage, x, rows)
                         continue
@@ -287,8 +286,6 @@ class PipelineRuntime:
             self._pending.append((works, keep, what))
 
     def _wait(self, works: list, what: str) -> None:
-        import time
-
         from parallel.mesh import peer_guard
 
         t0 = time.perf_counter()

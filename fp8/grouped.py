@@ -45,6 +45,8 @@ from fp8.reference import FP8_DTYPE, cdiv
 try:  # the Triton kernels need triton; the layout, the emulate path and the autograd function do not
     import triton
     import triton.language as tl
+
+    from fp8.kernels import _tile_ids
 except ImportError:
     triton = None
 
@@ -172,14 +174,8 @@ if triton is not None:
         sam, sak, sbg, sbn, sbk, scm, scn, sasm, sask, sbsg, sbsn, sbsk,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
-        # the dense kernel's launch order (GROUP_M row tiles share B tiles in L2); rows of one tile are one group
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        first_m = (pid // (GROUP_M * num_n)) * GROUP_M
-        group_size = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % group_size)
-        pid_n = (pid % (GROUP_M * num_n)) // group_size
+        # the dense kernel's launch order (fp8.kernels._tile_ids); rows of one tile are one group
+        pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

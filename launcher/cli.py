@@ -31,9 +31,8 @@ def _launch(args) -> int:
 
         nproc = int(opts.nproc_per_node)
         dims = ParallelDims.from_config(cfg.parallel, nproc * int(opts.nnodes), nproc, cfg.model.n_routed_experts)
-        from train.loop import micro_batches_per_rank, validate_schedule
+        from train.loop import validate_schedule
 
-        micro_batches_per_rank(cfg, dims.dp)
         validate_schedule(cfg, dims.pp, dims.dp)
     return launch(opts, "launcher.cli", ["train", *args.overrides])
 

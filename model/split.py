@@ -81,10 +81,15 @@ class StageModule(nn.Module):
     def embed_tokens(self, rows: torch.Tensor) -> torch.Tensor:
         return self.embed(rows[:, :self.seq_len(rows)])
 
-    def forward(self, x: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The stage's blocks on x (the first stage: on the embedded rows[:, :T]); no loss."""
         h = self.embed_tokens(rows) if self.is_first else x
         for layer in self.layers.values():
             h = layer(h, self.angles)
+        return h
+
+    def forward(self, x: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.hidden(x, rows)
         return self.loss(h, rows) if self.is_last else h
 
     def main_loss(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -85,12 +85,13 @@ def micro_batches_per_rank(cfg, dp: int) -> int:
 
 
 def validate_schedule(cfg, pp: int, dp: int) -> None:
-    """parallel.pp > 1: the schedule must exist for (pp, micro-batches per rank); raises naming the fields."""
+    """The global batch must split into micro-batches over dp, and (parallel.pp > 1) the schedule must exist
+    for (pp, micro-batches per rank); raises naming the fields."""
+    n_micro = micro_batches_per_rank(cfg, dp)
     if pp == 1:
         return
     from dualpipe.schedule import num_stages, validate
 
-    n_micro = micro_batches_per_rank(cfg, dp)
     try:
         validate(cfg.schedule.name, pp, n_micro)
     except ValueError as e:
@@ -555,7 +556,6 @@ def setup_distributed(cfg):
 
     env = RuntimeEnv.from_env()
     dims = ParallelDims.from_config(cfg.parallel, env.world_size, env.local_world_size, cfg.model.n_routed_experts)
-    micro_batches_per_rank(cfg, dims.dp)
     validate_schedule(cfg, dims.pp, dims.dp)
     if env.world_size == 1:
         return env, None

@@ -175,12 +175,8 @@ class _TorchStage(__import__("torch").nn.Module):
         super().__init__()
         self.stage = stage
 
-    def forward(self, x):
-        st = self.stage
-        h = st.embed_tokens(x) if st.is_first else x
-        for layer in st.layers.values():
-            h = layer(h, st.angles)
-        return h
+    def forward(self, x):  # the first stage gets the token rows as x
+        return self.stage.hidden(None, x) if self.stage.is_first else self.stage.hidden(x)
 
 
 def _torch_baseline(rank, groups, cache, name, pp):
