@@ -21,10 +21,13 @@ backward), as TR §3.3.2 does; the combine forward and the dispatch backward sta
 dtype (BF16 on GPU, FP32/FP64 on CPU), and every sum runs in at least FP32. Quantization is treated as
 identity in backward (straight-through).
 
-Async and overlap. Every dispatch/combine is a `Handle`: it returns with the first hop's all-to-all in
-flight (gloo and NCCL run it on their own thread/stream), `step()` waits for that hop and starts the
-next, `wait()` finishes and returns the result. A pipeline runtime overlapping two micro-batches (the
-DualPipe F&B pair) does, per MoE layer:
+Async and overlap. Every dispatch/combine is a `Handle`: starting it queues the whole exchange (the
+row-count exchange, each hop's packing and all-to-all, the unpacking) on the group's `CommStream`, a
+thread that runs exchanges one after another in the order they were started, as a CUDA stream runs
+NCCL kernels; `wait()` blocks until that exchange is done and returns its result. So nothing of an
+exchange runs on the caller's thread: the count exchange before a dispatch (a rendezvous with every
+peer) and a two-hop relay's forwarding happen while the caller computes. A pipeline runtime overlapping
+two micro-batches (the DualPipe F&B pair) does, per MoE layer:
     h = disp.dispatch_async(x_ND, idx, w)     # micro-batch A's tokens start moving
     ...compute micro-batch B's attention / backward chunk...
     x_RD, ctx = h.wait()
@@ -35,12 +38,16 @@ DualPipe F&B pair) does, per MoE layer:
 In backward the reverse all-to-all starts in the backward of `wait()`'s autograd node and is only
 waited for in the backward of the start node, so whatever backward work autograd (or a runtime that
 splits backward, such as DualPipe's B/W) runs between the two overlaps with it.
-Rules: every rank of the ep group must start, step and wait its handles in the same order (they issue
-collectives; the row-count exchange before each dispatch hop is synchronous and small); a handle is
-waited exactly once.
+Rules: every rank of the ep group must start its handles in the same order (the stream issues their
+collectives in that order); a handle is waited exactly once; while a handle is in flight the caller
+issues no other collective on the ep group (all dispatchers of a model share one stream: apply_ep).
+A wait that outlasts the stream's timeout raises (the collectives themselves carry the group's timeout).
 """
 from __future__ import annotations
 
+import queue
+import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -118,49 +125,84 @@ class EPContext:
         return self.plan.expert_ids_RK
 
 
-class _Runner:
-    """Drives one exchange: a generator that yields a Work per in-flight all-to-all and returns a result."""
+class CommStream:
+    """A thread that runs exchanges (generators that yield in-flight `Work`s and return a result) one at a
+    time, in submission order. Exchanges run without autograd, as the autograd Functions below run them."""
 
-    def __init__(self):
-        self.program = None
-        self.work = None
-        self.result = None
+    def __init__(self, name: str = "moeforge-ep", timeout_s: float = 1800.0):
+        self.timeout_s = timeout_s
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=_serve, args=(self._queue,), name=name, daemon=True).start()
+        weakref.finalize(self, self._queue.put, None)  # the thread ends with its stream
+
+    def submit(self, program) -> "_Job":
+        job = _Job(program)
+        self._queue.put(job)
+        return job
+
+    def wait(self, job: "_Job"):
+        """Block until `job` has run; its result, or its exception re-raised here."""
+        if not job.done.wait(self.timeout_s):
+            raise TimeoutError(f"all-to-all exchange not finished after {self.timeout_s:g}s "
+                               "(a peer of the ep group is gone or started its exchanges in another order)")
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+
+class _Job:
+    def __init__(self, program):
+        self.program, self.result, self.error = program, None, None
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        try:
+            with torch.no_grad():
+                while True:
+                    next(self.program).wait()
+        except StopIteration as stop:
+            self.result = stop.value
+        except BaseException as e:  # noqa: BLE001 -- re-raised on the waiting thread
+            self.error = e
+        finally:
+            self.program = None
+            self.done.set()
+
+
+def _serve(q: queue.SimpleQueue) -> None:
+    while (job := q.get()) is not None:
+        job.run()
+
+
+class _Runner:
+    """One exchange slot of a handle: started on the stream, finished (waited) once. Dispatch and combine
+    reuse theirs in backward (the reverse exchange starts in one node's backward, ends in another's)."""
+
+    def __init__(self, stream: CommStream):
+        self.stream = stream
+        self.job: _Job | None = None
         self.y_dtype: torch.dtype | None = None  # combine: the dtype of the expert outputs
 
     def start(self, program) -> None:
-        assert self.program is None, "an exchange is already in flight on this handle"
-        self.program = program
-        self._advance()
+        assert self.job is None, "an exchange is already in flight on this handle"
+        self.job = self.stream.submit(program)
 
-    def _advance(self) -> None:
-        try:
-            self.work = next(self.program)
-        except StopIteration as stop:
-            self.work, self.program, self.result = None, None, stop.value
-
-    def step(self) -> bool:
-        """Wait for the hop in flight and start the next; False once the exchange is complete."""
-        if self.work is None:
-            return False
-        self.work.wait()
-        self._advance()
-        return self.work is not None
+    def done(self) -> bool:
+        return self.job is None or self.job.done.is_set()
 
     def finish(self):
-        while self.step():
-            pass
-        result, self.result = self.result, None
-        return result
+        job, self.job = self.job, None
+        return self.stream.wait(job)
 
 
 class Handle:
-    """An exchange in flight. `step()` advances one hop (blocking on it); `wait()` returns the result."""
+    """An exchange in flight: `done()` polls it, `wait()` blocks and returns the result."""
 
     def __init__(self, runner: _Runner, finish):
         self._runner, self._finish, self._done = runner, finish, False
 
-    def step(self) -> bool:
-        return self._runner.step()
+    def done(self) -> bool:
+        return self._runner.done()
 
     def wait(self):
         assert not self._done, "Handle.wait() called twice"
@@ -171,11 +213,12 @@ class Handle:
 class AllToAllDispatcher:
     """Expert-parallel dispatcher over `group` (this rank is `ep_rank` of `ep_size`); ep rank r owns the
     global experts [r·E/ep, (r+1)·E/ep). `ranks_per_node` (global ranks per node; None = one node) sets
-    the link classes and the two-hop relays."""
+    the link classes and the two-hop relays. Exchanges run on `stream` (a new CommStream if None); the
+    dispatchers of one model share one (parallel.apply_ep)."""
 
     def __init__(self, group: dist.ProcessGroup | None, ep_rank: int, ep_size: int, n_experts: int,
                  ranks_per_node: int | None = None, two_hop: bool = False, fp8: bool = False,
-                 counters: ByteCounters | None = None):
+                 counters: ByteCounters | None = None, stream: CommStream | None = None):
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
         assert len(ranks) == ep_size and dist.get_rank(group) == ep_rank, \
             f"group ranks {ranks} do not match {ep_rank=}, {ep_size=} (this is global rank {dist.get_rank()})"
@@ -187,6 +230,7 @@ class AllToAllDispatcher:
         self.counters = counters if counters is not None else ByteCounters()
         self.links = [self.topo.link(ep_rank, p) for p in range(ep_size)]
         self.expert_range = self.topo.expert_range(ep_rank)
+        self.stream = stream if stream is not None else CommStream()
 
     def __repr__(self) -> str:
         return (f"AllToAllDispatcher(ep_rank={self.ep_rank}, ep_size={self.ep_size}, experts={self.expert_range}, "
@@ -200,7 +244,7 @@ class AllToAllDispatcher:
 
     def dispatch_async(self, x_ND: torch.Tensor, indices_NK: torch.Tensor, weights_NK: torch.Tensor) -> Handle:
         """Start sending the tokens to the ranks of their experts; `.wait()` -> (x_RD, EPContext)."""
-        plan, runner = Plan(x_dtype=x_ND.dtype), _Runner()
+        plan, runner = Plan(x_dtype=x_ND.dtype), _Runner(self.stream)
         token = _DispatchStart.apply(x_ND, weights_NK, indices_NK, self, plan, runner)
 
         def finish():
@@ -221,7 +265,7 @@ class AllToAllDispatcher:
 
     def combine_async(self, y_RD: torch.Tensor, ctx: EPContext) -> Handle:
         """Start returning the expert outputs to the tokens' ranks; `.wait()` -> y_ND (summed over experts)."""
-        runner = _Runner()
+        runner = _Runner(self.stream)
         token = _CombineStart.apply(y_RD, self, ctx.plan, runner)
         return Handle(runner, lambda: _CombineWait.apply(token, self, ctx.plan, runner))
 
@@ -246,6 +290,7 @@ class AllToAllDispatcher:
 
     # ---- collectives ---------------------------------------------------------------------------------
     def _exchange_counts(self, send: list[int], device: torch.device) -> list[int]:
+        """Rows this rank will receive from each peer (runs on the stream, before the hop it sizes)."""
         recv = torch.empty(self.ep_size, dtype=torch.int64, device=device)
         self.counters.record_a2a("dispatch_fwd", self.links, [1] * self.ep_size, {"counts": 8})
         dist.all_to_all_single(recv, torch.tensor(send, dtype=torch.int64, device=device), group=self.group)

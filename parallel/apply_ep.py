@@ -10,18 +10,22 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import nn
 
-from comm.all_to_all import AllToAllDispatcher
+from comm.all_to_all import AllToAllDispatcher, CommStream
 from comm.counters import ByteCounters
 from model.moe import MoE
 
 
 def apply_ep(model: nn.Module, ep_group: dist.ProcessGroup | None, ep_rank: int, ep_size: int,
              ranks_per_node: int | None = None, two_hop: bool = False, fp8: bool = False,
-             counters: ByteCounters | None = None) -> nn.Module:
+             counters: ByteCounters | None = None, timeout_s: float = 300.0) -> nn.Module:
     """Keep this rank's experts in every MoE layer of `model` and route tokens with all-to-all; returns model.
 
-    All layers share one ByteCounters (`counters`, or a new one reachable as `moe.dispatcher.counters`)."""
+    All layers share one ByteCounters (`counters`, or a new one reachable as `moe.dispatcher.counters`)
+    and one CommStream (their exchanges run on it in start order). `timeout_s` is the ep group's
+    collective timeout: a wait on the stream gives up 30 s after it, so the collective's own error
+    (which names the peer) normally comes first."""
     counters = counters if counters is not None else ByteCounters()
+    stream = CommStream(timeout_s=timeout_s + 30.0)
     for name, moe in model.named_modules():
         if not isinstance(moe, MoE):
             continue
@@ -35,5 +39,6 @@ def apply_ep(model: nn.Module, ep_group: dist.ProcessGroup | None, ep_rank: int,
         if sorted(map(int, moe.experts.keys())) != list(range(lo, hi)):
             raise ValueError(f"{name}: experts {sorted(map(int, moe.experts.keys()))} after sharding, "
                              f"expected [{lo}, {hi}) for {ep_rank=} of {ep_size=}")
-        moe.dispatcher = AllToAllDispatcher(ep_group, ep_rank, ep_size, E, ranks_per_node, two_hop, fp8, counters)
+        moe.dispatcher = AllToAllDispatcher(ep_group, ep_rank, ep_size, E, ranks_per_node, two_hop, fp8, counters,
+                                            stream)
     return model

@@ -11,6 +11,7 @@ Tolerances (max |a - b| / max |b|): float64 1e-12 (measured ~1e-15: only the ord
 float32 1e-5 (measured ~1e-7). FP8 dispatch is checked against the unquantized dispatch instead.
 All cases run inside one spawn of 4 ranks.
 """
+import datetime
 import math
 import zlib
 
@@ -301,7 +302,6 @@ def _async_case(rank, groups, two_hop):
         wB, iB, _ = m.gate(x[1])  # ... while B's router runs
         busy = torch.randn(256, 256).matmul(torch.randn(256, 256)).sum()  # other work
         hB = disp.dispatch_async(x[1], iB, wB)
-        hA.step()  # two-hop: hop 1 done, hop 2 in flight
         xA, cA = hA.wait()
         yA = disp.compute(xA, cA, m.experts)
         hcA = disp.combine_async(yA, cA)
@@ -318,6 +318,27 @@ def _async_case(rank, groups, two_hop):
     return {"out": max(_rel(a, b) for a, b in zip(ys2, ys)),
             "input_grad": max(_rel(a.grad, b.grad) for a, b in zip(x2, x)),
             "grads": max(_rel(g_async[n], g_sync[n]) for n in g_sync if g_sync[n].abs().max() > 0)}
+
+
+def _nonblocking_case(rank, groups):
+    """dispatch_async returns before any peer has started its dispatch: the row-count exchange runs on the
+    stream, not on the caller's thread. Rank r only starts after rank r-1 said (through the store) that its
+    dispatch_async returned; if the call blocked on its peers, this chain would wait for the timeout."""
+    args = _moe_args()
+    m = MoE(args).double()
+    _init(m, 11)
+    apply_ep(m, groups[4][0], rank, 4, ranks_per_node=RPN)
+    store = dist.distributed_c10d._get_default_store()
+    x = _randn(1200 + rank, 16, args.dim, dtype=torch.float64)
+    w, idx, _ = m.gate(x)
+    disp = m.dispatcher
+    if rank > 0:
+        store.wait([f"nonblocking/{rank - 1}"], datetime.timedelta(seconds=30))
+    h = disp.dispatch_async(x, idx, w)
+    store.set(f"nonblocking/{rank}", "returned")
+    x_RD, ctx = h.wait()
+    y = disp.combine_async(disp.compute(x_RD, ctx, m.experts), ctx).wait()
+    return {"out": _rel(y, disp(x, idx, w, m.experts))}  # the same exchange, run synchronously
 
 
 def _all_cases(rank, world):
@@ -347,6 +368,7 @@ def _all_cases(rank, world):
     R["fp8_moe"] = _fp8_moe_case(rank, groups)
     for two_hop in (False, True):
         R[("async", two_hop)] = _async_case(rank, groups, two_hop)
+    R["nonblocking"] = _nonblocking_case(rank, groups)
     return R
 
 
@@ -437,6 +459,12 @@ def test_fp8_dispatch_bytes_and_error(results):
             assert e["input_grad"] < FP8_TOL_GRAD and e["grads"] < FP8_TOL_GRAD, (rank, key, e)
         # the relay forwards the E4M3 bytes untouched: two-hop FP8 == flat FP8 up to the order of sums
         assert R["fp8_moe"]["two_hop_vs_flat_fp8"] < TOL32
+
+
+@pytest.mark.timeout(180)
+def test_dispatch_async_returns_before_peers_start(results):
+    for rank, R in enumerate(results):
+        _assert_close(R["nonblocking"], TOL64, f"rank {rank} nonblocking dispatch")
 
 
 @pytest.mark.timeout(180)

@@ -27,6 +27,7 @@ def test_overlap_bench_smoke():
     for label, cells in rows.items():
         step = float(cells[0].split()[0])
         assert step > 0, (label, cells)
+        assert float(cells[3]) > 0, (label, cells)  # the ep stream ran exchanges (instrumentation hooked)
         assert all(re.fullmatch(r"-?[\d.]+%?|[\d.]+ \([\d.]+-[\d.]+\)", c) for c in cells), (label, cells)
     assert rows["torch dualpipev"][1] == "1.00"  # the reference of the ratio column
     assert rows["ours dualpipev, no overlap"][4] == "0%"  # the reference of "hidden"
