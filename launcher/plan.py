@@ -9,7 +9,8 @@ train.micro_batch_size and train.global_batch_size default to model.max_seq_len,
 sequences when not given. Nothing is built: every number comes from one of
   - model/flops.py: parameters, FLOPs per token and per module (the one place of that arithmetic);
   - model/stages.py stage_layers: which modules each pipeline stage holds (model/split.py's, the runtime's split);
-  - dualpipe/schedule.py + simulate.py: the action lists, their makespan and bubble;
+  - dualpipe/schedule.py + simulate.py: the action lists, their makespan and bubble (step_time: the
+    simulator's numbers without its checks, which the generators' lists pass; tests/unit/test_plan_speed.py);
   - comm/layout.py: which ep rank and node each routed token goes to, flat or two-hop;
   - conf/cluster/*.yaml: memory, peak FLOP rates, link bandwidths, an efficiency factor.
 
@@ -51,6 +52,14 @@ EVENTS_FWD, EVENTS_BWD = ("dispatch_fwd", "combine_fwd"), ("dispatch_bwd", "comb
 GiB = 2.0 ** 30
 
 
+def _yaml_load(text: str):
+    """yaml.safe_load through libyaml's parser when PyYAML has it: the same constructor and resolver, so the
+    same values, in a fifth of the time."""
+    import yaml
+
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 # ---- hardware ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Cluster:
@@ -72,15 +81,13 @@ class Cluster:
 
 def load_cluster(values: dict[str, str]) -> Cluster:
     """conf/cluster/<gpu>.yaml with cluster.<key>=value overrides (values as strings, typed by the field)."""
-    import yaml
-
     values = dict(values)
     gpu = values.pop("gpu", "h800")
     path = resources.files("conf") / "cluster" / f"{gpu}.yaml"
     if not path.is_file():
         names = sorted(p.name[:-5] for p in (resources.files("conf") / "cluster").iterdir() if p.name.endswith(".yaml"))
         raise ValueError(f"cluster.gpu={gpu!r}: no profile; choose one of {names}")
-    base = yaml.safe_load(path.read_text())
+    base = _yaml_load(path.read_text())
     types = {f.name: f.type for f in fields(Cluster)}
     for k, v in values.items():
         if k not in types:
@@ -397,19 +404,30 @@ class LayoutPlan:
         return self.flops_per_token * self.tokens_per_s(r) / (self.cluster.world * peak_tflops * 1e12)
 
 
-def _peak_live(actions, act_of_stage) -> float:
-    """The most activation a rank holds: a chunk is live from its F to its input backward; during an F&B
-    both chunks are (the order dualpipe.simulate counts peak_activations in)."""
+def _peaks(actions, act_of_stage) -> tuple[int, float]:
+    """(the most chunks, the most activation) a rank holds at once: a chunk is live from its F to its input
+    backward; during an F&B both chunks are (the order dualpipe.simulate counts peak_activations in)."""
+    chunks = most_chunks = 0
     live = peak = 0.0
     for a in actions:
-        if a.op in ("F", "FB"):
+        op = a.op
+        if op == "F" or op == "FB":
+            chunks += 1
             live += act_of_stage[a.stage]
-        peak = max(peak, live)
-        if a.op in ("B", "BW"):
+            most_chunks = max(most_chunks, chunks)
+            peak = max(peak, live)
+            if op == "FB":
+                chunks -= 1
+                live -= act_of_stage[a.b_stage]
+        elif op == "B" or op == "BW":
+            chunks -= 1
             live -= act_of_stage[a.stage]
-        elif a.op == "FB":
-            live -= act_of_stage[a.b_stage]
-    return peak
+    return most_chunks, peak
+
+
+def _peak_live(actions, act_of_stage) -> float:
+    """The most activation a rank holds at once."""
+    return _peaks(actions, act_of_stage)[1]
 
 
 # The rank whose bubble is the report's formula (dualpipe.simulate's docstring): closed-form makespan.
@@ -450,7 +468,7 @@ class _Layout:
 def _price_schedule(name: str, L: _Layout, stages: list[Stage], tr: EPTraffic) -> ScheduleResult:
     """One schedule on one layout: chunk costs, makespan and bubble, ZeRO-1 sync, memory of the fullest rank."""
     from dualpipe.schedule import stage_placement, validate
-    from dualpipe.simulate import Costs, bubble_formula, simulate
+    from dualpipe.simulate import Costs, bubble_formula, step_time
 
     res = ScheduleResult(name)
     try:
@@ -481,7 +499,7 @@ def _price_schedule(name: str, L: _Layout, stages: list[Stage], tr: EPTraffic) -
                   FB=max(max(c["F_c"] + c["B_c"] + c["W_c"], c["ep_fwd"] + c["ep_bwd"]) for c in per))
     if L.exact:
         sched = _schedule(name, L.pp, L.n_micro)
-        sim = simulate(sched, costs)
+        sim = step_time(sched, costs)  # simulate()'s numbers, bit for bit, without its checks (~10x faster)
         res.makespan, res.bubble = sim.makespan, sim.max_bubble
     else:  # busy time of the formula's rank at the real n + the report's bubble; peaks from a short run
         actions = _rank_actions(name, L.pp, L.n_micro, _FORMULA_RANK[name](L.pp))
@@ -490,8 +508,9 @@ def _price_schedule(name: str, L: _Layout, stages: list[Stage], tr: EPTraffic) -
         res.makespan = busy + res.bubble
         n_short = min(L.n_micro, 2 * S + 2)
         sched = _schedule(name, L.pp, n_short + (n_short % 2 if name == "dualpipe" else 0))
-    res.peak_chunks = max(int(_peak_live(acts, [1] * S)) for acts in sched)
     act = [s.act * tokens for s in stages]
+    peaks = [_peaks(acts, act) for acts in sched]
+    res.peak_chunks = max(chunks for chunks, _ in peaks)
     edp = L.dp // L.ep
     moment = 2 if cfg.train.moment_dtype == "bfloat16" else 4
     # ZeRO-1 after the pipeline: reduce-scatter the FP32 grads and all-gather the updated weights (BF16, or
@@ -507,7 +526,7 @@ def _price_schedule(name: str, L: _Layout, stages: list[Stage], tr: EPTraffic) -
         mem = {"weights (BF16)": 2 * (dense + expert), "grads (FP32)": 4 * (dense + expert),
                "master (FP32)": 4 * (shard if L.master == "sharded" else dense + expert),
                f"moments ({'BF16' if moment == 2 else 'FP32'})": 2 * moment * shard,
-               "activations": _peak_live(sched[r], act)}
+               "activations": peaks[r][1]}
         mem = {k: v / GiB for k, v in mem.items()}
         if not res.memory or sum(mem.values()) > res.total_gib:
             res.rank, res.memory, res.stages_per_rank = r, mem, len(held)
@@ -781,12 +800,10 @@ def compose_without_hydra(overrides: list[str]):
     values (ints, floats, true/false, null, words), from conf/ by the same rules; None for anything else
     (other override syntax, an unknown key or option, a value of another type, a failed check).
     tests/unit/test_plan.py holds the two equal."""
-    import yaml
-
     from .config import JobConfig
 
     root = resources.files("conf")
-    primary = yaml.safe_load((root / "config.yaml").read_text())
+    primary = _yaml_load((root / "config.yaml").read_text())
     defaults = primary.pop("defaults", None)
     if not isinstance(defaults, list) or "_self_" not in defaults:
         return None
@@ -816,7 +833,7 @@ def compose_without_hydra(overrides: list[str]):
         if not _WORD.match(str(option)) or not path.is_file():
             return None
         text = path.read_text()
-        body = yaml.safe_load(text) or {}
+        body = _yaml_load(text) or {}
         if "@package" in text or not isinstance(body, dict) or "defaults" in body:
             return None
         tree[group] = {**tree.get(group, {}), **body}
@@ -865,8 +882,13 @@ def load_plan_config(overrides: list[str]):
 
 
 def run_plan(args) -> int:
+    import gc
     import sys
 
+    # A plan makes ~100k long-lived objects (action lists, numpy's import) and no garbage cycles: the
+    # collector's passes over them were ~8% of its run.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         cfg, cluster, defaults = load_plan_config(args.overrides)
         if args.search:
@@ -877,6 +899,9 @@ def run_plan(args) -> int:
     except ValueError as e:
         print(f"moeforge plan: {e}", file=sys.stderr)
         return 2
+    finally:
+        if collecting:
+            gc.enable()
     print(render(plan, defaults))
     return 0 if plan.best.fits else 1
 
