@@ -38,8 +38,8 @@ Measured per step and rank; the bench wraps functions from outside and edits no 
   a2a exp.  time the main thread is blocked waiting for an exchange (comm.all_to_all.CommStream.wait:
             the row-count exchange, packing, the all-to-alls and unpacking all run on the ep group's
             stream thread); mean over ranks.
-  stream    time the stream thread spends running exchanges (_Job.run), the all-to-all time whether
-            hidden or not; mean over ranks.
+  stream    time the stream thread spent running the exchanges waited in the step (_Job.seconds), the
+            all-to-all time whether hidden or not; mean over ranks.
   p2p       time blocked on pipeline send/recv (PipelineRuntime._wait; torch's
             pipelining.schedules._wait_batch_p2p); mostly waiting for the neighbour stage, not for bytes.
   CPU       process CPU seconds (all threads) of the step, summed over the 4 ranks.
@@ -134,17 +134,22 @@ class Blocked:
 
 
 def instrument(blocked: Blocked) -> None:
-    """Wrap the ep stream's wait (main thread) and job runner (stream thread), our runtime's p2p wait and
-    torch pipelining's p2p wait."""
+    """Wrap the ep stream's wait (main thread; it also adds each waited job's run time on the stream
+    thread), our runtime's p2p wait and torch pipelining's p2p wait."""
     import torch.distributed.pipelining.schedules as tsched
 
-    from comm.all_to_all import CommStream, _Job
+    from comm.all_to_all import CommStream
     from dualpipe.runtime import PipelineRuntime
 
-    stream_wait, job_run = CommStream.wait, _Job.run
+    stream_wait = CommStream.wait
     our_wait, their_wait = PipelineRuntime._wait, tsched._wait_batch_p2p
-    CommStream.wait = lambda self, job: blocked.timed("a2a", stream_wait, self, job)
-    _Job.run = lambda self: blocked.timed("stream", job_run, self)
+
+    def wait(self, job):  # the job's run time is final once it is done, which the wait guarantees
+        out = blocked.timed("a2a", stream_wait, self, job)
+        blocked.s["stream"] += job.seconds
+        return out
+
+    CommStream.wait = wait
     PipelineRuntime._wait = lambda self, works, what: blocked.timed("p2p", our_wait, self, works, what)
     tsched._wait_batch_p2p = lambda work: blocked.timed("p2p", their_wait, work)
 

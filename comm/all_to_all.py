@@ -22,8 +22,8 @@ dtype (BF16 on GPU, FP32/FP64 on CPU), and every sum runs in at least FP32. Quan
 identity in backward (straight-through).
 
 Async and overlap. Every dispatch/combine is a `Handle`: starting it queues the whole exchange (the
-row-count exchange, each hop's packing and all-to-all, the unpacking) on the group's `CommStream`, a
-thread that runs exchanges one after another in the order they were started, as a CUDA stream runs
+row-count exchange, each hop's packing and all-to-all, the unpacking) on the dispatcher's `CommStream`
+(one per model: apply_ep shares it between the layers), a thread that runs exchanges one after another in the order they were started, as a CUDA stream runs
 NCCL kernels; `wait()` blocks until that exchange is done and returns its result. So nothing of an
 exchange runs on the caller's thread: the count exchange before a dispatch (a rendezvous with every
 peer) and a two-hop relay's forwarding happen while the caller computes. A pipeline runtime overlapping
@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 
@@ -127,15 +128,20 @@ class EPContext:
 
 class CommStream:
     """A thread that runs exchanges (generators that yield in-flight `Work`s and return a result) one at a
-    time, in submission order. Exchanges run without autograd, as the autograd Functions below run them."""
+    time, in submission order. Exchanges run without autograd, as the autograd Functions below run them.
+    After an exchange fails, the stream is broken: later exchanges fail with that error without issuing
+    a collective (a peer's next collective must not pair with this rank's next one)."""
 
     def __init__(self, name: str = "moeforge-ep", timeout_s: float = 1800.0):
         self.timeout_s = timeout_s
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=_serve, args=(self._queue,), name=name, daemon=True).start()
+        self._failed: list[BaseException] = []  # shared with the thread, which holds no reference to self
+        threading.Thread(target=_serve, args=(self._queue, self._failed), name=name, daemon=True).start()
         weakref.finalize(self, self._queue.put, None)  # the thread ends with its stream
 
     def submit(self, program) -> "_Job":
+        if self._failed:
+            raise RuntimeError("an earlier all-to-all exchange on this stream failed") from self._failed[0]
         job = _Job(program)
         self._queue.put(job)
         return job
@@ -145,18 +151,23 @@ class CommStream:
         if not job.done.wait(self.timeout_s):
             raise TimeoutError(f"all-to-all exchange not finished after {self.timeout_s:g}s "
                                "(a peer of the ep group is gone or started its exchanges in another order)")
-        if job.error is not None:
-            raise job.error
-        return job.result
+        result, error, job.result, job.error = job.result, job.error, None, None  # hold nothing once waited
+        if error is not None:
+            raise error
+        return result
 
 
 class _Job:
     def __init__(self, program):
         self.program, self.result, self.error = program, None, None
+        self.seconds = 0.0  # time the stream spent running it (bench/overlap_bench.py reads it)
         self.done = threading.Event()
 
-    def run(self) -> None:
+    def run(self, failed: list[BaseException]) -> None:
+        t0 = time.perf_counter()
         try:
+            if failed:
+                raise RuntimeError("an earlier all-to-all exchange on this stream failed") from failed[0]
             with torch.no_grad():
                 while True:
                     next(self.program).wait()
@@ -164,14 +175,20 @@ class _Job:
             self.result = stop.value
         except BaseException as e:  # noqa: BLE001 -- re-raised on the waiting thread
             self.error = e
+            failed.append(e)
         finally:
             self.program = None
+            self.seconds = time.perf_counter() - t0
             self.done.set()
 
 
-def _serve(q: queue.SimpleQueue) -> None:
-    while (job := q.get()) is not None:
-        job.run()
+def _serve(q: queue.SimpleQueue, failed: list[BaseException]) -> None:
+    while True:
+        job = q.get()
+        if job is None:
+            return
+        job.run(failed)
+        job = None  # keep nothing alive while blocked in get()
 
 
 class _Runner:
