@@ -132,11 +132,14 @@ class CommStream:
     After an exchange fails, the stream is broken: later exchanges fail with that error without issuing
     a collective (a peer's next collective must not pair with this rank's next one)."""
 
-    def __init__(self, name: str = "moeforge-ep", timeout_s: float = 1800.0):
+    def __init__(self, name: str = "moeforge-ep", timeout_s: float = 1800.0, device: torch.device | None = None):
         self.timeout_s = timeout_s
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._failed: list[BaseException] = []  # shared with the thread, which holds no reference to self
-        threading.Thread(target=_serve, args=(self._queue, self._failed), name=name, daemon=True).start()
+        # a new thread's current CUDA device is 0: the thread takes the rank's device (NCCL uses it)
+        device = torch.device(device) if device is not None else None
+        cuda = device if device is not None and device.type == "cuda" else None
+        threading.Thread(target=_serve, args=(self._queue, self._failed, cuda), name=name, daemon=True).start()
         weakref.finalize(self, self._queue.put, None)  # the thread ends with its stream
 
     def submit(self, program) -> "_Job":
@@ -182,7 +185,9 @@ class _Job:
             self.done.set()
 
 
-def _serve(q: queue.SimpleQueue, failed: list[BaseException]) -> None:
+def _serve(q: queue.SimpleQueue, failed: list[BaseException], cuda_device: torch.device | None) -> None:
+    if cuda_device is not None:
+        torch.cuda.set_device(cuda_device)
     while True:
         job = q.get()
         if job is None:

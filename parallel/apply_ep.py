@@ -7,6 +7,7 @@ Each MoE layer gets an AllToAllDispatcher; everything else in the model is untou
 """
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -17,15 +18,17 @@ from model.moe import MoE
 
 def apply_ep(model: nn.Module, ep_group: dist.ProcessGroup | None, ep_rank: int, ep_size: int,
              ranks_per_node: int | None = None, two_hop: bool = False, fp8: bool = False,
-             counters: ByteCounters | None = None, timeout_s: float = 300.0) -> nn.Module:
+             counters: ByteCounters | None = None, timeout_s: float = 300.0,
+             device: torch.device | None = None) -> nn.Module:
     """Keep this rank's experts in every MoE layer of `model` and route tokens with all-to-all; returns model.
 
     All layers share one ByteCounters (`counters`, or a new one reachable as `moe.dispatcher.counters`)
     and one CommStream (their exchanges run on it in start order). `timeout_s` is the ep group's
     collective timeout: a wait on the stream gives up 30 s after it, so the collective's own error
-    (which names the peer) normally comes first."""
+    (which names the peer) normally comes first. `device`: where the model will compute (the stream
+    thread makes it its current CUDA device)."""
     counters = counters if counters is not None else ByteCounters()
-    stream = CommStream(timeout_s=timeout_s + 30.0)
+    stream = CommStream(timeout_s=timeout_s + 30.0, device=device)
     for name, moe in model.named_modules():
         if not isinstance(moe, MoE):
             continue

@@ -63,7 +63,7 @@ def build_model(cfg, device: torch.device, meshes=None, counters=None, stage_ids
 
         apply_ep(model, meshes.ep, meshes.coords.ep, meshes.dims.ep, meshes.dims.ranks_per_node,
                  two_hop=cfg.parallel.two_hop, fp8=cfg.parallel.fp8_dispatch, counters=counters,
-                 timeout_s=meshes.timeout_s)
+                 timeout_s=meshes.timeout_s, device=device)
     stages = None
     if stage_ids is not None:
         from dualpipe.schedule import num_stages
