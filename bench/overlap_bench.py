@@ -91,6 +91,7 @@ class Config:
     warmup: int = 1
     rate_mbit: float = 120.0  # ep link, each way; 0: no limit
     threads: int = 1  # torch intra-op threads per rank
+    switch_interval_ms: float = 0.0  # sys.setswitchinterval in every rank (0: Python's default, 5 ms)
     timeout_s: float = 300.0
 
     def model_args(self):
@@ -247,6 +248,8 @@ def rank_main(rank: int, master: str, port: int, cfg: Config, out_path: str, var
     import torch.distributed as dist
 
     torch.set_num_threads(cfg.threads)
+    if cfg.switch_interval_ms > 0:  # how soon a thread that wants the GIL (the ep stream) gets it
+        sys.setswitchinterval(cfg.switch_interval_ms / 1000)
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
     store = dist.TCPStore(master, port, WORLD, is_master=rank == 0, timeout=timeout)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=timeout)
@@ -456,7 +459,8 @@ def report(res: dict, cfg: Config, note: str, load: tuple[float, float]) -> str:
         f"{m['n_routed_experts']} routed experts top-{m['n_activated_experts']} (moe_inter_dim {m['moe_inter_dim']}) "
         f"+ {m['n_shared_experts']} shared, {m['dtype']}; seq {cfg.seq}, micro-batch {cfg.micro_batch}, "
         f"{cfg.n_micro} micro-batches per step; median of {cfg.steps} steps after {cfg.warmup} warm-up; "
-        f"{cfg.threads} torch thread(s) per rank",
+        f"{cfg.threads} torch thread(s) per rank; GIL switch interval "
+        f"{f'{cfg.switch_interval_ms:g} ms' if cfg.switch_interval_ms > 0 else 'default (5 ms)'}",
         f"# all-to-all bytes per step and rank over its ep link, each way: "
         f"{', '.join(f'{x:.2f}' for x in sorted(mb))} MB"
         + (f" = {max(mb) * 8 / cfg.rate_mbit:.2f} s of link time at {cfg.rate_mbit:g} Mbit/s" if cfg.rate_mbit else ""),
