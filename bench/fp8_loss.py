@@ -15,6 +15,8 @@ the two) and the mean training loss over the last 50 steps (the same batches in 
              any perturbation, however harmless, moves a single run's final loss by about that much.
   fp8_fp32   fp8=blockwise on the FP32 model (compared with `fp32`): the same FP8 GEMMs; the pair
              costs about half the bf16/fp8 pair on a CPU without BF16 matmul units (more seeds per hour)
+  fp8_no_wo, fp8_no_attn, fp8_no_experts, fp8_no_ffn, fp8_pow2, bf16_mb4   the ablation arms of
+             bench/fp8_ablation.py (its docstring; the hooked ones run through `fp8_ablation.py hook`)
 Both AdamW moments are BF16 in every arm (train.moment_dtype=bfloat16, the report's setting).
 The default config (tiny, seq 64, 8 sequences per step, lr 1e-3 with warm-up and cosine decay to 10%)
 avoids the loss spikes of tiny's default lr 3e-3 (grad norm up to 50, floor ~1.5% to ~3%), but a single
@@ -46,7 +48,17 @@ ARMS = {
     "fp32": ["model.dtype=float32", "fp8=off"],
     "fp32_mb4": ["model.dtype=float32", "fp8=off", "train.micro_batch_size=4"],
     "fp8_fp32": ["model.dtype=float32", "fp8=blockwise"],
+    # ablation arms (bench/fp8_ablation.py): fp8 with some Linears kept BF16 (HOOKS) or power-of-2 scales
+    "fp8_no_wo": ["model.dtype=bfloat16", "fp8=blockwise"],
+    "fp8_no_attn": ["model.dtype=bfloat16", "fp8=blockwise"],
+    "fp8_no_experts": ["model.dtype=bfloat16", "fp8=blockwise", "fp8.grouped_experts=false"],
+    "fp8_no_ffn": ["model.dtype=bfloat16", "fp8=blockwise", "fp8.grouped_experts=false"],
+    "fp8_pow2": ["model.dtype=bfloat16", "fp8=blockwise", "fp8.power_of_2_scales=true"],
+    "bf16_mb4": ["model.dtype=bfloat16", "fp8=off", "train.micro_batch_size=4"],  # the floor of the bf16 arm
 }
+# arm -> bench/fp8_ablation.py variant: the run goes through `fp8_ablation.py hook VARIANT`, which widens
+# apply_fp8's exclude for that process only (library defaults unchanged)
+HOOKS = {"fp8_no_wo": "no_wo", "fp8_no_attn": "no_attn", "fp8_no_experts": "no_experts", "fp8_no_ffn": "no_ffn"}
 
 
 def base_overrides(steps: int) -> list[str]:
@@ -62,7 +74,9 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def train(arm: str, seed: int, args, extra: list[str]) -> dict:
     run_dir = Path(args.out) / f"seed{seed}" / arm
-    cmd = [sys.executable, "-m", "launcher.cli", "train", f"data.dir={args.data}", f"run_dir={run_dir}",
+    entry = ["-m", "launcher.cli", "train"] if arm not in HOOKS else [
+        str(ROOT / "bench" / "fp8_ablation.py"), "hook", HOOKS[arm]]
+    cmd = [sys.executable, *entry, f"data.dir={args.data}", f"run_dir={run_dir}",
            f"train.seed={seed}", *base_overrides(args.steps), *ARMS[arm], *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     t0 = time.time()

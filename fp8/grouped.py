@@ -493,18 +493,22 @@ class GroupedExperts:
         return f"GroupedExperts(backend={self.ops.name}, block={self.cfg.block}, align={self.align})"
 
 
-def apply_grouped_experts(model: nn.Module, cfg: Fp8Config, *, wgrad_store=None) -> int:
+def apply_grouped_experts(model: nn.Module, cfg: Fp8Config, *, wgrad_store=None, exclude=None) -> int:
     """Install a GroupedExperts on the `experts` ModuleDict of every MoE layer when cfg.enabled and
     cfg.grouped_experts (else remove any): returns how many layers run grouped. Parameters, state_dict
-    and the module tree are untouched; works before or after materialization, before or after apply_ep."""
+    and the module tree are untouched; works before or after materialization, before or after apply_ep.
+    `exclude(fqn)` (apply_fp8's): a layer any of whose expert Linears it matches stays high precision."""
     on = cfg.enabled and cfg.grouped_experts
     if on:
         check_backend(cfg.backend)
     n = 0
-    for mod in model.modules():
+    for fqn, mod in model.named_modules():
         experts = getattr(mod, "experts", None)
         if isinstance(experts, nn.ModuleDict) and len(experts) and all(map(_is_swiglu_expert, experts.values())):
-            experts.run_grouped = GroupedExperts(cfg, wgrad_store) if on else None
-            n += on
+            prefix = f"{fqn}.experts" if fqn else "experts"
+            kept = exclude is not None and any(exclude(f"{prefix}.{k}.{w}") for k in experts for w in ("w1", "w2", "w3"))
+            layer_on = on and not kept
+            experts.run_grouped = GroupedExperts(cfg, wgrad_store) if layer_on else None
+            n += layer_on
     logger.info("fp8: routed experts of %d MoE layers run as grouped FP8 GEMMs (backend=%s)", n, cfg.backend)
     return n

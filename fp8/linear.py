@@ -212,7 +212,7 @@ def apply_fp8(
     if cfg.grouped_experts:  # routed experts: one grouped FP8 call per projection (same bits on emulate)
         from fp8.grouped import apply_grouped_experts
 
-        apply_grouped_experts(model, cfg, wgrad_store=wgrad_store)
+        apply_grouped_experts(model, cfg, wgrad_store=wgrad_store, exclude=exclude)
     logger.info(
         "fp8: backend=%s, %d nn.Linear -> Fp8Linear (blocks 1x%d / %dx%d, power_of_2_scales=%s); high precision: %s",
         cfg.backend, len(swapped), cfg.act_block, cfg.weight_block, cfg.weight_block, cfg.power_of_2_scales,

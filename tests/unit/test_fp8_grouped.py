@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from fp8 import Fp8Config, WeightGradStore, apply_fp8
+from fp8.linear import Fp8Linear, default_exclude
 from fp8 import reference as R
 from fp8.grouped import (GroupedExperts, GroupedLayout, apply_grouped_experts, gemm_grouped_ref,
                          gemm_wgrad_grouped_ref)
@@ -199,6 +200,20 @@ def test_apply_keeps_state_dict_and_toggles():
     assert apply_grouped_experts(m, Fp8Config(enabled=True, grouped_experts=False)) == 0
     assert all(moe.experts.run_grouped is None for moe in m.moe_layers())
     assert apply_grouped_experts(m, Fp8Config(enabled=False)) == 0
+
+
+def test_excluded_experts_stay_high_precision():
+    """apply_fp8's exclude reaches the grouped path: excluded experts are neither swapped nor grouped."""
+    from model.args import load_preset
+    from model.transformer import Transformer
+
+    with torch.device("meta"):
+        m = Transformer(load_preset("tiny"))
+    apply_fp8(m, CFG, exclude=lambda fqn: default_exclude(fqn) or ".experts." in fqn)
+    for moe in m.moe_layers():
+        assert moe.experts.run_grouped is None
+        assert all(type(e.w1) is nn.Linear for e in moe.experts.values())
+    assert any(isinstance(mod, Fp8Linear) for mod in m.modules())  # the rest is still FP8
 
 
 def test_tiny_model_loss_and_grads_bitwise():
