@@ -209,22 +209,16 @@ class _Runner:
         assert self.job is None, "an exchange is already in flight on this handle"
         self.job = self.stream.submit(program)
 
-    def done(self) -> bool:
-        return self.job is None or self.job.done.is_set()
-
     def finish(self):
         job, self.job = self.job, None
         return self.stream.wait(job)
 
 
 class Handle:
-    """An exchange in flight: `done()` polls it, `wait()` blocks and returns the result."""
+    """An exchange in flight: `wait()` blocks and returns the result."""
 
-    def __init__(self, runner: _Runner, finish):
-        self._runner, self._finish, self._done = runner, finish, False
-
-    def done(self) -> bool:
-        return self._runner.done()
+    def __init__(self, finish):
+        self._finish, self._done = finish, False
 
     def wait(self):
         assert not self._done, "Handle.wait() called twice"
@@ -273,7 +267,7 @@ class AllToAllDispatcher:
             x_RD, w_RK = _DispatchWait.apply(token, self, plan, runner)
             return x_RD, EPContext(w_RK, plan)
 
-        return Handle(runner, finish)
+        return Handle(finish)
 
     def compute(self, x_RD: torch.Tensor, ctx: EPContext, experts: nn.ModuleDict) -> torch.Tensor:
         """Each received row through its local experts, weighted and summed: y_RD. `experts` is keyed by
@@ -289,7 +283,7 @@ class AllToAllDispatcher:
         """Start returning the expert outputs to the tokens' ranks; `.wait()` -> y_ND (summed over experts)."""
         runner = _Runner(self.stream)
         token = _CombineStart.apply(y_RD, self, ctx.plan, runner)
-        return Handle(runner, lambda: _CombineWait.apply(token, self, ctx.plan, runner))
+        return Handle(lambda: _CombineWait.apply(token, self, ctx.plan, runner))
 
     # ---- formats -------------------------------------------------------------------------------------
     def _x_fields(self, dtype: torch.dtype, D: int, fp8: bool) -> list[tuple]:

@@ -348,7 +348,7 @@ def _step_time(schedules: Sequence[Sequence[Action]], costs: Costs, wait: str) -
     sent = [[[] for _ in range(n)] for _ in range(n)]  # [src][dst]: times the sends were posted, in order
     got = [[[] for _ in range(n)] for _ in range(n)]  # [src][dst]: times the receives were posted
     pc, clock = [0] * n, [0.0] * n
-    durations: list[list[float]] = [[] for _ in range(n)]  # end - start of each compute action
+    busy = [0.0] * n  # the sum of end - start over each rank's compute actions, in order (as simulate())
     # the posted batch of each rank: [the messages it waits for, each (send times, recv times, index), the first
     # one whose other side may not be posted yet]
     waiting: list[list | None] = [None] * n
@@ -356,7 +356,7 @@ def _step_time(schedules: Sequence[Sequence[Action]], costs: Costs, wait: str) -
     while progress:
         progress = False
         for rank in range(n):
-            actions, i, t, dur = schedules[rank], pc[rank], clock[rank], durations[rank]
+            actions, i, t, b = schedules[rank], pc[rank], clock[rank], busy[rank]
             end = len(actions)
             while True:
                 if waiting[rank] is None:
@@ -365,7 +365,7 @@ def _step_time(schedules: Sequence[Sequence[Action]], costs: Costs, wait: str) -
                         if p is None:
                             break
                         start, t = t, t + p
-                        dur.append(t - start)
+                        b += t - start
                         i += 1
                     if i == end:
                         break
@@ -405,7 +405,7 @@ def _step_time(schedules: Sequence[Sequence[Action]], costs: Costs, wait: str) -
                 waiting[rank] = None
             if i != pc[rank]:  # it posted: only that lets another rank move
                 progress = True
-            pc[rank], clock[rank] = i, t
+            pc[rank], clock[rank], busy[rank] = i, t, b
 
     if any(pc[r] < len(schedules[r]) or waiting[r] is not None for r in range(n)):
         raise _Unfinished  # a deadlock
@@ -413,7 +413,6 @@ def _step_time(schedules: Sequence[Sequence[Action]], costs: Costs, wait: str) -
         raise _Unfinished  # a send nobody receives, or a receive nobody sends
     # the clocks never go back, so each rank's last end is its clock
     makespan = max((clock[r] for r in range(n) if schedules[r]), default=0.0)
-    busy = [sum(d) for d in durations]
     return StepTime(makespan, busy, [makespan - b for b in busy])
 
 

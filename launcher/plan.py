@@ -425,11 +425,6 @@ def _peaks(actions, act_of_stage) -> tuple[int, float]:
     return most_chunks, peak
 
 
-def _peak_live(actions, act_of_stage) -> float:
-    """The most activation a rank holds at once."""
-    return _peaks(actions, act_of_stage)[1]
-
-
 # The rank whose bubble is the report's formula (dualpipe.simulate's docstring): closed-form makespan.
 _FORMULA_RANK = {"1f1b": lambda pp: 0, "zb1p": lambda pp: 0, "dualpipe": lambda pp: pp // 2 - 1,
                  "dualpipev": lambda pp: pp - 1}
