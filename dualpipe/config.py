@@ -11,6 +11,7 @@ class ScheduleConfig:
     name: str = "1f1b"  # 1f1b | zb1p | dualpipe | dualpipev
     overlap: bool = True  # F&B steps interleave one micro-batch's forward with another's backward around the EP all-to-all
     split_middle_pair: bool = False  # DualPipe(V): run the middle ranks' first F&B pair unoverlapped, as DeepSeek's code does
+    fb_weight_split: bool = False  # F&B pairs: backward as B then W piece by piece, each W under its piece's reverse all-to-all
 
     def __post_init__(self):
         if self.name not in SCHEDULES:

@@ -11,8 +11,12 @@ stage, the loss divided by the number of micro-batches, exactly as the single-pr
 `(loss / n_micro).backward()`; MoE `aux_loss_scale` is set to 1/n_micro likewise. B is the backward for
 the stage input only; its W (weight gradients from the gradients B recorded at the weight edges) runs
 when the schedule says, into `.grad`. BW is the full backward. FB runs the forward of one chunk and the
-full backward of another as two generators, alternated whenever one has an all-to-all in flight
-(`overlap=True` and an async dispatcher); otherwise one after the other.
+backward of another as two generators, alternated whenever one has an all-to-all in flight
+(`overlap=True` and an async dispatcher); otherwise one after the other. The backward of a pair is full;
+with `fb_weight_split=True` (and overlap) it runs as B then W piece by piece, so that each piece's weight
+gradients compute under the all-to-all its B started (TR Figure 4). That hides more of the all-to-all
+but costs the B/W split's graph walks: on 2 CPU cores 17% more CPU per step than the full backward
+(docs/dualpipe.md "Measured overlap"), so it is off by default.
 
 Communication: each maximal run of SEND/RECV actions is one `dist.batch_isend_irecv` (ops in list order,
 peers are global ranks: the schedule's pp ranks mapped through `pp_group`). A batch holding a receive is
@@ -53,8 +57,8 @@ class PipelineRuntime:
     micro-batch; `placement(name, pp, n_micro)` gives it for the four schedules."""
 
     def __init__(self, stages: dict[int, StageModule], schedule: Sequence[Action], pp_group: dist.ProcessGroup | None,
-                 rank_of_stage: Callable[[int, int], int], *, overlap: bool = True, timeout_s: float = 300.0,
-                 plan: list[list[str]] | None = None, trace: bool = False):
+                 rank_of_stage: Callable[[int, int], int], *, overlap: bool = True, fb_weight_split: bool = False,
+                 timeout_s: float = 300.0, plan: list[list[str]] | None = None, trace: bool = False):
         if not stages:
             raise ValueError("PipelineRuntime: no stages on this rank")
         self.stages = dict(stages)
@@ -64,6 +68,7 @@ class PipelineRuntime:
         self.pp_size = dist.get_world_size(pp_group)
         self.rank_of_stage = rank_of_stage
         self.overlap = overlap
+        self.fb_weight_split = fb_weight_split
         self.trace: list[list[str]] | None = [] if trace else None  # per compute action: the pieces it ran
         self.timeout = datetime.timedelta(seconds=timeout_s)
         any_stage = next(iter(self.stages.values()))
@@ -218,7 +223,9 @@ class PipelineRuntime:
                 self.trace[-1].append(f"{a.stage}W{a.microbatch}")
         elif a.op == "FB":
             fwd = self._forward(a.stage, a.microbatch)
-            bwd = self._backward(a.b_stage, a.b_microbatch, split=False)
+            # fb_weight_split: B then W piece by piece, each W under that piece's reverse all-to-all
+            w_split = self.overlap and self.fb_weight_split
+            bwd = self._backward(a.b_stage, a.b_microbatch, split=w_split, weight_now=w_split)
             if self.overlap:
                 interleave(fwd, bwd)
             else:
@@ -245,14 +252,14 @@ class PipelineRuntime:
         else:
             self._to_send[("F", s, m)] = out.detach()
 
-    def _backward(self, s: int, m: int, split: bool):
+    def _backward(self, s: int, m: int, split: bool, weight_now: bool = False):
         stage = self.stages[s]
         chunk = self._chunks[(s, m)]
         if self.trace is not None:
             chunk.trace = self.trace[-1]
         grad = None if stage.is_last else self._bwd_in.pop((s, m))
-        gx = yield from chunk.backward(grad, split)
-        if not split:
+        gx = yield from chunk.backward(grad, split, weight_now)
+        if not split or weight_now:
             del self._chunks[(s, m)]
         if stage.is_first:
             return

@@ -160,10 +160,16 @@ class Chunk:
         self._producer.clear()
 
     # ---- backward ---------------------------------------------------------------------------------
-    def backward(self, grad_output: torch.Tensor | None, split: bool) -> Generator[None, None, torch.Tensor | None]:
+    def backward(self, grad_output: torch.Tensor | None, split: bool,
+                 weight_now: bool = False) -> Generator[None, None, torch.Tensor | None]:
         """Full backward (split=False) or B (split=True: input grads now, W later via run_weight()),
         piece by piece from the last; yields while an all-to-all of this chunk is in flight. Returns the
-        gradient of the chunk input (None on the first stage)."""
+        gradient of the chunk input (None on the first stage). weight_now (with split): each piece's W
+        runs right after its B, before the yield, so it computes while the reverse all-to-all that B
+        started is in flight (TR Figure 4: MLP(W) after DISPATCH(B) starts, ATTN(W) in the pair); a full
+        backward computes a Linear's weight gradient in the same node as its input gradient, before the
+        all-to-all can start."""
+        assert split or not weight_now, "weight_now needs split=True"
         assert not self.backward_done, f"chunk {self.stage_id}/{self.microbatch}: backward twice"
         self.backward_done = True
         out = self.output
@@ -187,9 +193,16 @@ class Chunk:
             p.ins, p.in_src = [], []
             if self.trace is not None:
                 self.trace.append(f"{self.stage_id}{'B' if split else 'BW'}{self.microbatch}:{p.name}")
+            if weight_now:
+                p.weight_job.run()
+                p.weight_job = None
+                if self.trace is not None:
+                    self.trace.append(f"{self.stage_id}W{self.microbatch}:{p.name}")
             if p.cut:
                 yield
         self.output = None
+        if weight_now:
+            self.pieces = []
         return grad_input
 
     def _producer_index(self, out) -> int:
@@ -450,10 +463,13 @@ def block_forward(chunk: Chunk, layer: nn.Module, x: torch.Tensor, angles: torch
     yield  # combine in flight
 
     def combine(handle, h, x_ND, aux):
+        # the shared expert first: it computes while the combine is in flight; in backward its nodes are
+        # older than the wait node's, so autograd starts the reverse combine before computing them
+        shared = moe.shared_experts(x_ND) if moe.shared_experts is not None else None
         y = handle.wait()
         chunk.cut(y)
-        if moe.shared_experts is not None:
-            y = y + moe.shared_experts(x_ND)
+        if shared is not None:
+            y = y + shared  # the operands of MoE.forward's sum, in its order: the same bits
         y = y.view(B, T, D)
         if aux is not None:
             y = AuxLossAutoScaler.apply(y, aux, moe.aux_loss_scale)

@@ -199,6 +199,7 @@ class Trainer:
                                      stage_ids=stage_placement(sc.name, self.pp)[meshes.coords.pp])
             self.rt = PipelineRuntime.for_schedule(sc.name, self.model.stages, meshes.pp, self.n_micro,
                                                    overlap=sc.overlap, split_middle_pair=sc.split_middle_pair,
+                                                   fb_weight_split=sc.fb_weight_split,
                                                    timeout_s=cfg.parallel.timeout_s)
             self.named_params = [(n, p) for n, p in self.rt.named_parameters() if p.requires_grad]
         else:

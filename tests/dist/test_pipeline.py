@@ -32,10 +32,11 @@ TOL64 = 1e-12
 SEQ, MICRO, N_LAYERS = 16, 2, 6
 SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 TOL32 = 1e-5
-# (schedule, pp, ep, overlap, split_middle_pair, dtype)
+# (schedule, pp, ep, overlap, split_middle_pair, dtype); overlap "split_w": overlap with fb_weight_split
 CASES = [(s, pp, 1, True, False, "float64") for pp in (2, 4) for s in SCHEDULES]
 CASES += [("dualpipe", 4, 1, True, True, "float64"), ("dualpipev", 4, 1, True, True, "float64")]
 CASES += [(s, 2, 2, True, False, "float64") for s in SCHEDULES] + [("dualpipev", 2, 2, False, False, "float64")]
+CASES += [("dualpipev", 2, 2, "split_w", False, "float64")]  # overlap with fb_weight_split
 CASES += [("dualpipev", 2, 2, True, False, "float32"), ("zb1p", 4, 1, True, False, "float32")]
 BASELINES = [("1f1b", 2), ("1f1b", 4), ("dualpipev", 2), ("dualpipev", 4)]  # torch.distributed.pipelining
 
@@ -85,6 +86,7 @@ def _cached_reference(cache, args, seed, n, dtype):
 
 
 def _case(rank, groups, cache, name, pp, ep, overlap, split_middle_pair, dtype):
+    fb_weight_split, overlap = overlap == "split_w", bool(overlap)
     import torch
 
     from dualpipe.runtime import PipelineRuntime
@@ -107,7 +109,8 @@ def _case(rank, groups, cache, name, pp, ep, overlap, split_middle_pair, dtype):
     model.init_weights(5)
     model.to(getattr(torch, dtype))
     rt = PipelineRuntime.for_schedule(name, stages, groups[f"pp{pp}"][dp_rank], n, overlap=overlap,
-                                      split_middle_pair=split_middle_pair, timeout_s=60, trace=True)
+                                      split_middle_pair=split_middle_pair, fb_weight_split=fb_weight_split,
+                                      timeout_s=60, trace=True)
     rows = _micro(100 + dp_rank, n)
     losses = rt.step(rows)
     rt.reduce_tied_grads()
@@ -158,7 +161,7 @@ def _case(rank, groups, cache, name, pp, ep, overlap, split_middle_pair, dtype):
     switches, backward_first = [], []
     for pieces in rt.trace:
         if "&" in pieces[0]:
-            kinds = [p.split(":")[0] for p in pieces[1:]]
+            kinds = [p.split(":")[0].replace("W", "B") for p in pieces[1:]]  # a piece's B and W: one chunk
             switches.append(sum(a != b for a, b in zip(kinds, kinds[1:])))
             backward_first.append("B" in kinds[0])
     return {"loss_err": loss_err, "loss_equal": loss_equal, "n_losses": n_losses, "grad_err": grad_err,
@@ -278,6 +281,7 @@ def results():
 def _id(case):
     name, pp, ep, overlap, split, dtype = case
     return (f"{name}-pp{pp}-ep{ep}" + ("" if overlap else "-sequential") + ("-split_middle" if split else "")
+            + ("-fb_weight_split" if overlap == "split_w" else "")
             + ("" if dtype == "float64" else f"-{dtype}"))
 
 
