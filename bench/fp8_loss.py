@@ -76,8 +76,10 @@ def train(arm: str, seed: int, args, extra: list[str]) -> dict:
     run_dir = Path(args.out) / f"seed{seed}" / arm
     entry = ["-m", "launcher.cli", "train"] if arm not in HOOKS else [
         str(ROOT / "bench" / "fp8_ablation.py"), "hook", HOOKS[arm]]
+    mine = {e.split("=", 1)[0] for e in extra}  # an extra override replaces the base one (hydra rejects both)
+    base = [o for o in base_overrides(args.steps) if o.split("=", 1)[0] not in mine]
     cmd = [sys.executable, *entry, f"data.dir={args.data}", f"run_dir={run_dir}",
-           f"train.seed={seed}", *base_overrides(args.steps), *ARMS[arm], *extra]
+           f"train.seed={seed}", *base, *ARMS[arm], *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     t0 = time.time()
     log = run_dir.parent / f"{arm}.log"

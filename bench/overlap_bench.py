@@ -4,6 +4,18 @@
     .venv/bin/python bench/overlap_bench.py --rate 60        # another bandwidth (Mbit/s each way)
     .venv/bin/python bench/overlap_bench.py --no-netns       # loopback, no limit (the all-to-all is nearly free)
     .venv/bin/python bench/overlap_bench.py --smoke --no-netns   # tiny, 1 step: tests/dist/test_overlap_bench.py
+    .venv/bin/python bench/overlap_bench.py --rate 38 --n-micro 64 --micro-batch 1 --cpu-per-rank 0.5 --comm-nice -10
+                                                             # each rank a fixed-speed device (below)
+
+Each rank a device (--cpu-per-rank, --comm-nice; root). By default the 4 ranks share the 2 cores, so a
+rank blocked in an all-to-all hands its core to another rank: every schedule then overlaps one rank's
+communication with another rank's compute, which no GPU cluster does (a GPU waiting for its all-to-all
+idles). --cpu-per-rank 0.5 puts every rank in its own cgroup with a CPU quota of half a core (2 ms
+period), so each rank computes at a fixed speed and its waits are its own, as on a GPU. --comm-nice -10
+runs every thread but the main one (the ep stream thread, gloo's threads) at a higher priority, so an
+exchange progresses as soon as its data can move, as the NIC and the SMs DeepSeek reserves for
+communication do, instead of queueing behind the same rank's compute for the scheduler's time slice.
+Both apply to every variant alike.
 
 Layout: 4 gloo ranks, pp 2 x ep 2. Global rank = 2·pp_rank + ep_rank: two pipelines side by side, on
 ranks [0, 2] and [1, 3], each with its own micro-batches; ep groups [0, 1] and [2, 3] (the two ranks that
@@ -45,6 +57,9 @@ Measured per step and rank; the bench wraps functions from outside and edits no 
   CPU       process CPU seconds (all threads) of the step, summed over the 4 ranks.
   hidden    1 - a2a exp. / a2a exp. of "ours dualpipev, no overlap": with overlap off every all-to-all
             is waited for right after it starts, so that is the all-to-all time of this work.
+  per kind  for ours (overlap on / off), per exchange kind (forward dispatch and combine, their reverse
+            exchanges in backward): exposed wait, run time on the stream, time queued behind earlier
+            exchanges, and slack (from its start to the main thread's wait).
 Bytes over the link per step and rank come from comm's ByteCounters; bytes / rate is the least link time.
 """
 from __future__ import annotations
@@ -92,6 +107,10 @@ class Config:
     rate_mbit: float = 120.0  # ep link, each way; 0: no limit
     threads: int = 1  # torch intra-op threads per rank
     switch_interval_ms: float = 0.0  # sys.setswitchinterval in every rank (0: Python's default, 5 ms)
+    cpu_per_rank: float = 0.0  # cap every rank at this many cores (a cgroup cpu quota each); 0: no cap
+    cpu_period_us: int = 2000  # the cgroup quota's period (the quota is cpu_per_rank x this; >= 1 ms)
+    fb_weight_split: int = 0  # 1: ours with overlap runs each pair's backward as B then W piece by piece
+    comm_nice: int = 0  # nice value for every thread but the main one (ep stream, gloo's); 0: unchanged
     timeout_s: float = 300.0
 
     def model_args(self):
@@ -118,13 +137,18 @@ SMOKE = dict(dim=64, n_layers=3, moe_inter_dim=32, seq=16, n_micro=4, steps=1, w
 # ---- instrumentation: time the main thread spends blocked on communication ---------------------------
 class Blocked:
     """Seconds per kind since reset(): a2a (main thread waiting for exchanges), stream (the stream thread
-    running them), p2p (main thread waiting for pipeline send/recv)."""
+    running them), p2p (main thread waiting for pipeline send/recv); and per exchange kind (dispatch /
+    combine, forward / backward: the program's name) [exposed wait, run on the stream, queued behind
+    earlier exchanges, slack = start to wait, count]."""
+
+    KINDS = ("_dispatch_fwd", "_combine_fwd", "_combine_bwd", "_dispatch_bwd")
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
         self.s = {"a2a": 0.0, "stream": 0.0, "p2p": 0.0}
+        self.by_kind = {k: [0.0] * 5 for k in self.KINDS}
 
     def timed(self, kind: str, fn, *args, **kw):
         t0 = time.perf_counter()
@@ -135,22 +159,40 @@ class Blocked:
 
 
 def instrument(blocked: Blocked) -> None:
-    """Wrap the ep stream's wait (main thread; it also adds each waited job's run time on the stream
-    thread), our runtime's p2p wait and torch pipelining's p2p wait."""
+    """Wrap the ep stream's submit and wait (main thread; the wait also adds each waited job's run time on
+    the stream thread), the stream's job run (its start time), our runtime's p2p wait and torch
+    pipelining's p2p wait."""
     import torch.distributed.pipelining.schedules as tsched
 
-    from comm.all_to_all import CommStream
+    from comm.all_to_all import CommStream, _Job
     from dualpipe.runtime import PipelineRuntime
 
-    stream_wait = CommStream.wait
+    stream_submit, stream_wait, job_run = CommStream.submit, CommStream.wait, _Job.run
     our_wait, their_wait = PipelineRuntime._wait, tsched._wait_batch_p2p
 
+    def submit(self, program):
+        kind, t = getattr(program, "__name__", "?"), time.perf_counter()
+        job = stream_submit(self, program)
+        job.bench = [kind, t, t]  # kind, submitted, started on the stream
+        return job
+
+    def run(self, failed):
+        if hasattr(self, "bench"):
+            self.bench[2] = time.perf_counter()
+        return job_run(self, failed)
+
     def wait(self, job):  # the job's run time is final once it is done, which the wait guarantees
+        t0 = time.perf_counter()
         out = blocked.timed("a2a", stream_wait, self, job)
         blocked.s["stream"] += job.seconds
+        kind, t_submit, t_start = getattr(job, "bench", ("?", t0, t0))
+        row = blocked.by_kind.get(kind)
+        if row is not None:
+            for i, x in enumerate((time.perf_counter() - t0, job.seconds, t_start - t_submit, t0 - t_submit, 1)):
+                row[i] += x
         return out
 
-    CommStream.wait = wait
+    CommStream.submit, CommStream.wait, _Job.run = submit, wait, run
     PipelineRuntime._wait = lambda self, works, what: blocked.timed("p2p", our_wait, self, works, what)
     tsched._wait_batch_p2p = lambda work: blocked.timed("p2p", their_wait, work)
 
@@ -187,6 +229,7 @@ def _ours(cfg: Config, args, schedule, pp_rank, pp_group, ep_group, ep_rank):
 
     def step(rows, overlap: bool):
         rt.overlap = overlap
+        rt.fb_weight_split = bool(cfg.fb_weight_split)
         rt.step(rows)
 
     return model, step, counters
@@ -272,7 +315,15 @@ def rank_main(rank: int, master: str, port: int, cfg: Config, out_path: str, var
                                                                   ep_group, ep_rank)
     runs = [(label, builders[(schedule, impl)], overlap) for label, schedule, impl, overlap in VARIANTS
             if label in variants]
+    if cfg.comm_nice:  # every thread is there by now: gloo's (one set per group) and the ep stream's
+        import threading
+
+        main_tid = threading.get_native_id()
+        for tid in map(int, os.listdir("/proc/self/task")):
+            if tid != main_tid:
+                os.setpriority(os.PRIO_PROCESS, tid, cfg.comm_nice)  # Linux: a tid sets that thread only
     samples = {label: [] for label, _, _ in runs}  # per step: wall (max), a2a, stream, p2p (means), CPU (sum)
+    by_kind = {label: [] for label, _, _ in runs}  # per step: Blocked.by_kind rows, mean over ranks
     link_bytes = {}
     for it in range(cfg.warmup + cfg.steps):
         k = it % len(runs)
@@ -291,13 +342,16 @@ def rank_main(rank: int, master: str, port: int, cfg: Config, out_path: str, var
             allv = [torch.zeros_like(v) for _ in range(WORLD)]
             dist.all_gather(allv, v)
             allv = torch.stack(allv)
+            kinds = torch.tensor([blocked.by_kind[k] for k in Blocked.KINDS], dtype=torch.float64)
+            dist.all_reduce(kinds)  # summed over ranks; the report divides by WORLD
             if it >= cfg.warmup:
                 samples[label].append([allv[:, 0].max().item(), *allv[:, 1:4].mean(0).tolist(),
                                        allv[:, 5].sum().item()])
+                by_kind[label].append((kinds / WORLD).tolist())
             link_bytes[label] = allv[:, 4].mean().item()
     if rank == 0:
         with open(out_path, "w") as f:
-            json.dump({"samples": samples, "link_bytes": link_bytes, "config": asdict(cfg),
+            json.dump({"samples": samples, "by_kind": by_kind, "link_bytes": link_bytes, "config": asdict(cfg),
                        "model": {k: v for k, v in vars(args).items()}}, f)
     dist.barrier()
     dist.destroy_process_group()
@@ -324,7 +378,10 @@ def _enter_netns(ns: str) -> None:
 
 
 def _rank_entry(rank: int, master: str, port: int, cfg: Config, out_path: str, variants: list[str],
-                host: dict | None) -> None:
+                host: dict | None, cgroup: str | None) -> None:
+    if cgroup is not None:  # before any thread starts: threads made later stay in the process's cgroup
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
     if host is not None:
         _enter_netns(host["ns"])
         os.environ["GLOO_SOCKET_IFNAME"] = host["ifname"]
@@ -332,15 +389,16 @@ def _rank_entry(rank: int, master: str, port: int, cfg: Config, out_path: str, v
 
 
 def run_ranks(master: str, port: int, cfg: Config, out_path: str, variants: list[str], timeout_s: float,
-              hosts: list[dict] | None = None) -> None:
+              hosts: list[dict] | None = None, cgroups: list[str] | None = None) -> None:
     """Run the 4 ranks as processes forked from a server that imported torch once; rank r enters
-    hosts[r]'s network namespace first when hosts are given."""
+    hosts[r]'s network namespace and cgroups[r] first when they are given."""
     import multiprocessing as mp
 
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     procs = [ctx.Process(target=_rank_entry, name=f"rank{r}",
-                         args=(r, master, port, cfg, out_path, variants, hosts[r] if hosts else None))
+                         args=(r, master, port, cfg, out_path, variants, hosts[r] if hosts else None,
+                               cgroups[r] if cgroups else None))
              for r in range(WORLD)]
     for p in procs:
         p.start()
@@ -356,6 +414,60 @@ def run_ranks(master: str, port: int, cfg: Config, out_path: str, variants: list
     bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
     if bad:
         raise SystemExit(f"overlap_bench: ranks {bad} (rank, exit code) failed or timed out")
+
+
+@contextlib.contextmanager
+def cpu_caps(cores: float, period_us: int):
+    """One cgroup per rank whose CPU quota caps it at `cores` CPUs (all its threads together), so that every
+    rank computes at a fixed speed, as every GPU does, and time a rank spends blocked on communication is
+    not handed to the other ranks' compute (with 4 ranks on 2 shared cores it is, which hides communication
+    for every schedule alike). cgroup v1's cpu controller (cfs_quota_us) or v2's cpu.max; a short period
+    (2 ms: a 1 ms quota, the kernel's least) bounds how long a thread that wakes in a throttled rank (the
+    ep stream, with data arrived) waits for the next period. Yields the 4 directories; removes them afterwards."""
+    v1, v2 = "/sys/fs/cgroup/cpu", "/sys/fs/cgroup"
+    if os.path.exists(os.path.join(v1, "cpu.cfs_quota_us")):
+        root, files = v1, lambda q: {"cpu.cfs_period_us": str(period_us), "cpu.cfs_quota_us": str(q)}
+    elif "cpu" in _read(os.path.join(v2, "cgroup.controllers")).split():
+        root, files = v2, lambda q: {"cpu.max": f"{q} {period_us}"}
+    else:
+        raise SystemExit("overlap_bench: --cpu-per-rank needs a cgroup cpu controller (v1 cpu or v2 cpu.max)")
+    quota = int(round(cores * period_us))
+    if quota < 1000:
+        raise SystemExit(f"overlap_bench: --cpu-per-rank {cores} gives a quota under 1 ms per {period_us} us period")
+    dirs = [os.path.join(root, f"mfob{os.getpid() % 10000}r{r}") for r in range(WORLD)]
+    made = []
+    try:
+        for d in dirs:
+            os.mkdir(d)
+            made.append(d)
+            for name, value in files(quota).items():
+                with open(os.path.join(d, name), "w") as f:
+                    f.write(value)
+        yield dirs
+    except PermissionError as e:
+        raise SystemExit(f"overlap_bench: --cpu-per-rank: {e} (needs root)") from None
+    finally:
+        for d in made:  # the ranks have exited (run_ranks joins or kills them), so the cgroups are empty
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def throttled_s(dirs: list[str]) -> list[float]:
+    """Seconds each cgroup spent throttled (its quota used up) so far."""
+    out = []
+    for d in dirs:
+        stat = dict(line.split() for line in _read(os.path.join(d, "cpu.stat")).splitlines() if line.strip())
+        out.append(int(stat.get("throttled_time", 0)) / 1e9 if "throttled_time" in stat
+                   else int(stat.get("throttled_usec", 0)) / 1e6)
+    return out
 
 
 def _ip(*args: str) -> None:
@@ -460,7 +572,9 @@ def report(res: dict, cfg: Config, note: str, load: tuple[float, float]) -> str:
         f"+ {m['n_shared_experts']} shared, {m['dtype']}; seq {cfg.seq}, micro-batch {cfg.micro_batch}, "
         f"{cfg.n_micro} micro-batches per step; median of {cfg.steps} steps after {cfg.warmup} warm-up; "
         f"{cfg.threads} torch thread(s) per rank; GIL switch interval "
-        f"{f'{cfg.switch_interval_ms:g} ms' if cfg.switch_interval_ms > 0 else 'default (5 ms)'}",
+        f"{f'{cfg.switch_interval_ms:g} ms' if cfg.switch_interval_ms > 0 else 'default (5 ms)'}"
+        + (f"; every thread but the main one at nice {cfg.comm_nice}" if cfg.comm_nice else "")
+        + ("; F&B backward as B then W per piece (fb_weight_split)" if cfg.fb_weight_split else ""),
         f"# all-to-all bytes per step and rank over its ep link, each way: "
         f"{', '.join(f'{x:.2f}' for x in sorted(mb))} MB"
         + (f" = {max(mb) * 8 / cfg.rate_mbit:.2f} s of link time at {cfg.rate_mbit:g} Mbit/s" if cfg.rate_mbit else ""),
@@ -478,6 +592,16 @@ def report(res: dict, cfg: Config, note: str, load: tuple[float, float]) -> str:
         hidden = f"{1 - a2a / off[1]:.0%}" if off and off[1] > 0 else "-"
         lines.append(f"| {label} | {wall:.2f} ({min(steps):.2f}-{max(steps):.2f}) | {ratio} | {a2a:.2f} "
                      f"| {busy:.2f} | {hidden} | {p2p:.2f} | {cpu:.2f} |")
+    for label in ("ours dualpipev, overlap", "ours dualpipev, no overlap"):
+        rows = res.get("by_kind", {}).get(label)
+        if not rows:
+            continue
+        lines.append(f"# {label}, per exchange kind (s per step and rank, median over steps): "
+                     "exposed / run on stream / queued / slack (start to wait), count")
+        for i, kind in enumerate(Blocked.KINDS):
+            col = [statistics.median(step[i][j] for step in rows) for j in range(5)]
+            lines.append(f"#   {kind.strip('_'):12s} {col[0]:6.2f} / {col[1]:6.2f} / {col[2]:6.2f} / {col[3]:6.2f}, "
+                         f"{col[4]:.0f}")
     frac = fb_fraction(cfg.n_micro)
     lines.append(f"# DualPipeV chunks inside F&B pairs: "
                  f"{', '.join(f'pp rank {r} {f:.0%}' for r, f in enumerate(frac))} "
@@ -512,20 +636,26 @@ def main(argv: list[str] | None = None) -> int:
     budget = cfg.timeout_s * 3
     load0 = os.getloadavg()[0]
     try:
-        if a.no_netns:
-            run_ranks("127.0.0.1", _free_port(), cfg, out, variants, budget)
-            note = "all on loopback, no link limit"
-        else:
-            if os.geteuid() != 0:
-                raise SystemExit("overlap_bench: network namespaces need root; run with --no-netns instead")
-            with star(cfg.rate_mbit) as hosts:
-                ep_mbit, pp_mbit = _measure_link(hosts[0], hosts[1]), _measure_link(hosts[0], hosts[2])
-                run_ranks(hosts[0]["addr"], _free_port(), cfg, out, variants, budget, hosts)
-            note = ("one network namespace per rank (own NIC into a bridge); "
-                    + (f"traffic to the ep peer limited by tc htb to {cfg.rate_mbit:g} Mbit/s each way"
-                       if cfg.rate_mbit > 0 else "no limit")
-                    + f" (one TCP stream measured: to the ep peer {ep_mbit:.0f} Mbit/s, to the pp peer "
-                      f"{pp_mbit:.0f} Mbit/s)")
+        with contextlib.ExitStack() as stack:
+            cgroups = stack.enter_context(cpu_caps(cfg.cpu_per_rank, cfg.cpu_period_us)) if cfg.cpu_per_rank > 0 else None
+            if a.no_netns:
+                run_ranks("127.0.0.1", _free_port(), cfg, out, variants, budget, None, cgroups)
+                note = "all on loopback, no link limit"
+            else:
+                if os.geteuid() != 0:
+                    raise SystemExit("overlap_bench: network namespaces need root; run with --no-netns instead")
+                with star(cfg.rate_mbit) as hosts:
+                    ep_mbit, pp_mbit = _measure_link(hosts[0], hosts[1]), _measure_link(hosts[0], hosts[2])
+                    run_ranks(hosts[0]["addr"], _free_port(), cfg, out, variants, budget, hosts, cgroups)
+                note = ("one network namespace per rank (own NIC into a bridge); "
+                        + (f"traffic to the ep peer limited by tc htb to {cfg.rate_mbit:g} Mbit/s each way"
+                           if cfg.rate_mbit > 0 else "no limit")
+                        + f" (one TCP stream measured: to the ep peer {ep_mbit:.0f} Mbit/s, to the pp peer "
+                          f"{pp_mbit:.0f} Mbit/s)")
+            if cgroups:
+                note += (f"; every rank capped at {cfg.cpu_per_rank:g} CPU by a cgroup quota, period "
+                         f"{cfg.cpu_period_us / 1000:g} ms (throttled in the "
+                         f"whole run: {', '.join(f'{t:.0f}' for t in throttled_s(cgroups))} s per rank)")
         with open(out) as f:
             res = json.load(f)
     finally:
