@@ -5,6 +5,7 @@ Pieces. A chunk's forward is cut into pieces whose autograd graphs touch only at
 and, where a MoE layer's dispatcher is asynchronous (`dispatch_async`, comm.AllToAllDispatcher), the
 block into the report's four parts (TR §3.2.1, Figure 4):
     ATTN (attention, gate, dispatch started) | MLP (dispatch waited, experts, combine started) | COMBINE
+    (shared expert, then combine waited: the shared expert computes under the combine all-to-all)
 A boundary is either a detached leaf (`x.detach().requires_grad_()`: the producer's output, the
 consumer's input) or, for an all-to-all in flight, a cut autograd edge: the consumer's `handle.wait()`
 node keeps its edge into the producer's start node, and the consumer's backward stops there
