@@ -68,6 +68,16 @@ def base_overrides(steps: int) -> list[str]:
             "checkpoint.interval=0", "checkpoint.resume=never", "logging.progress=false"]
 
 
+def merged_overrides(steps: int, extra: list[str], arm: list[str] = ()) -> list[str]:
+    """The base overrides, then the arm's, then the command line's; a later one replaces an earlier one
+    of the same key, so each key is given once."""
+    out: dict[str, str] = {}
+    for o in [*base_overrides(steps), *arm, *extra]:
+        out.pop(o.split("=", 1)[0], None)
+        out[o.split("=", 1)[0]] = o
+    return list(out.values())
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -76,10 +86,8 @@ def train(arm: str, seed: int, args, extra: list[str]) -> dict:
     run_dir = Path(args.out) / f"seed{seed}" / arm
     entry = ["-m", "launcher.cli", "train"] if arm not in HOOKS else [
         str(ROOT / "bench" / "fp8_ablation.py"), "hook", HOOKS[arm]]
-    mine = {e.split("=", 1)[0] for e in extra}  # an extra override replaces the base one (hydra rejects both)
-    base = [o for o in base_overrides(args.steps) if o.split("=", 1)[0] not in mine]
     cmd = [sys.executable, *entry, f"data.dir={args.data}", f"run_dir={run_dir}",
-           f"train.seed={seed}", *base, *ARMS[arm], *extra]
+           f"train.seed={seed}", *merged_overrides(args.steps, extra, ARMS[arm])]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     t0 = time.time()
     log = run_dir.parent / f"{arm}.log"
@@ -126,7 +134,7 @@ def main() -> None:
         prepare(None, args.data)
     jobs = [(arm, s) for s in args.seeds for arm in args.arms]
     print(f"fp8_loss: {len(jobs)} runs ({', '.join(args.arms)} x seeds {args.seeds}), {args.steps} steps, "
-          f"{args.jobs} at a time; overrides {base_overrides(args.steps) + extra}", flush=True)
+          f"{args.jobs} at a time; overrides {merged_overrides(args.steps, extra)}", flush=True)
     with ThreadPoolExecutor(args.jobs) as ex:
         res = list(ex.map(lambda j: train(j[0], j[1], args, extra), jobs))
     by = {(r["arm"], r["seed"]): r for r in res}
