@@ -631,6 +631,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.no_netns:
         over["rate_mbit"] = 0.0
     cfg = Config(**over)
+    if cfg.comm_nice < 0 and os.geteuid() != 0:  # before any rank starts: setpriority would fail in every rank
+        raise SystemExit(f"overlap_bench: --comm-nice {cfg.comm_nice} (a higher priority) needs root")
+    if cfg.cpu_per_rank < 0:
+        raise SystemExit(f"overlap_bench: --cpu-per-rank {cfg.cpu_per_rank} must be >= 0 (0: no cap)")
     tmp = tempfile.mkdtemp(prefix="overlap_bench")
     out = os.path.join(tmp, "result.json")
     budget = cfg.timeout_s * 3

@@ -506,7 +506,8 @@ def apply_grouped_experts(model: nn.Module, cfg: Fp8Config, *, wgrad_store=None,
         experts = getattr(mod, "experts", None)
         if isinstance(experts, nn.ModuleDict) and len(experts) and all(map(_is_swiglu_expert, experts.values())):
             prefix = f"{fqn}.experts" if fqn else "experts"
-            kept = exclude is not None and any(exclude(f"{prefix}.{k}.{w}") for k in experts for w in ("w1", "w2", "w3"))
+            kept = exclude is not None and any(exclude(f"{prefix}.{k}.{w}")
+                                               for k in experts for w in ("w1", "w2", "w3"))
             layer_on = on and not kept
             experts.run_grouped = GroupedExperts(cfg, wgrad_store) if layer_on else None
             n += layer_on

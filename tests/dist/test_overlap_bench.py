@@ -43,3 +43,15 @@ def test_overlap_bench_smoke():
     for kind in ("dispatch_fwd", "combine_fwd", "combine_bwd", "dispatch_bwd"):  # the per-kind breakdown
         counts = re.findall(rf"#\s+{kind}\s+[\d.]+ /\s+[\d.]+ /\s+[\d.]+ /\s+[\d.]+, (\d+)", p.stdout)
         assert len(counts) == 2 and all(int(c) > 0 for c in counts), (kind, p.stdout)
+
+
+@pytest.mark.timeout(60)
+def test_overlap_bench_rejects_bad_options_before_any_rank_starts():
+    bench = os.path.join(ROOT, "bench", "overlap_bench.py")
+    p = subprocess.run([sys.executable, bench, "--smoke", "--no-netns", "--cpu-per-rank", "-1"],
+                       capture_output=True, text=True, timeout=50, cwd=ROOT)
+    assert p.returncode != 0 and "--cpu-per-rank -1.0 must be >= 0" in p.stderr, p.stderr
+    if os.geteuid() != 0:
+        p = subprocess.run([sys.executable, bench, "--smoke", "--no-netns", "--comm-nice", "-5"],
+                           capture_output=True, text=True, timeout=50, cwd=ROOT)
+        assert p.returncode != 0 and "--comm-nice -5" in p.stderr and "needs root" in p.stderr, p.stderr

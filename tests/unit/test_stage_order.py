@@ -74,40 +74,54 @@ def _event_log(monkeypatch, moe: MoE) -> list[str]:
     return log
 
 
+class _Block:
+    """MoE block 1 of a 2-layer tiny model on the 1-rank group (real dispatcher, float64), a random input and
+    output gradient, and the reference: Block.forward (MoE.forward: dispatcher(...) then
+    `y + shared_experts(x_ND)`) with a plain backward. Gradients are zeroed after the reference."""
+
+    def __init__(self, group, seed: int):
+        args = load_preset("tiny", n_layers=2, n_mtp_modules=0)
+        model = Transformer(args)
+        apply_ep(model, group, 0, 1, timeout_s=30.0)
+        model.init_weights(3)
+        model.to(torch.float64)
+        self.layer, self.angles = model.layers["1"], model.angles
+        gen = torch.Generator().manual_seed(seed)
+        self.x0 = torch.randn(B, T, args.dim, generator=gen, dtype=torch.float64)
+        self.g_out = torch.randn(B, T, args.dim, generator=gen, dtype=torch.float64)
+        self.params = dict(self.layer.named_parameters())
+        x_ref = self.x0.clone().requires_grad_()
+        self.out_ref = self.layer(x_ref, self.angles)
+        self.out_ref.backward(self.g_out)
+        self.gx_ref = x_ref.grad
+        self.grads_ref = {k: p.grad.clone() for k, p in self.params.items()}
+        self.layer.zero_grad(set_to_none=True)
+
+    def assert_same_bits(self, out, gx) -> None:
+        assert torch.equal(out, self.out_ref)
+        assert torch.equal(gx, self.gx_ref)
+        for k, p in self.params.items():
+            assert p.grad is not None and torch.equal(p.grad, self.grads_ref[k]), k
+
+
 @pytest.mark.timeout(60)
 def test_shared_expert_runs_while_the_combine_is_in_flight(ep1_group, monkeypatch):
-    args = load_preset("tiny", n_layers=2, n_mtp_modules=0)
-    model = Transformer(args)
-    apply_ep(model, ep1_group, 0, 1, timeout_s=30.0)
-    model.init_weights(3)
-    model.to(torch.float64)
-    layer = model.layers["1"]
+    blk = _Block(ep1_group, seed=0)
+    layer = blk.layer
     moe = layer.ffn
     assert isinstance(moe, MoE) and moe.shared_experts is not None and moe.training and moe.aux_alpha > 0
     assert stage._is_async(layer), f"{moe.dispatcher!r} has no dispatch_async: the block would not be cut"
-    angles = model.angles
-    gen = torch.Generator().manual_seed(0)
-    x0 = torch.randn(B, T, args.dim, generator=gen, dtype=torch.float64)
-    g_out = torch.randn(B, T, args.dim, generator=gen, dtype=torch.float64)
-    params = dict(layer.named_parameters())
-
-    # reference: Block.forward (MoE.forward: dispatcher(...) then `y + shared_experts(x_ND)`), plain backward
-    x_ref = x0.clone().requires_grad_()
-    out_ref = layer(x_ref, angles)
-    out_ref.backward(g_out)
-    grads_ref = {k: p.grad.clone() for k, p in params.items()}
-    layer.zero_grad(set_to_none=True)
 
     log = _event_log(monkeypatch, moe)
     # forward, as the runtime runs a chunk: the pieces ATTN | MLP | COMBINE
-    x = x0.clone().requires_grad_()
+    x = blk.x0.clone().requires_grad_()
     chunk = stage.Chunk(0, 0, x, trace=[])
-    out = stage.run(stage.block_forward(chunk, layer, x, angles, overlap=True))
+    out = stage.run(stage.block_forward(chunk, layer, x, blk.angles, overlap=True))
     chunk.finish(out)
     assert chunk.trace == ["0F0:attn1", "0F0:mlp1", "0F0:combine1"]
     fwd_log, log[:] = list(log), []
     # B, piece by piece from COMBINE (the runtime's `run(self._backward(..., split=True))`), then W
-    gx = stage.run(chunk.backward(g_out, split=True))
+    gx = stage.run(chunk.backward(blk.g_out, split=True))
     bwd_log, log[:] = list(log), []
     chunk.run_weight()
     assert not any(e.startswith(("start", "wait")) for e in log), f"W ran an exchange: {log}"
@@ -120,52 +134,29 @@ def test_shared_expert_runs_while_the_combine_is_in_flight(ep1_group, monkeypatc
     assert bwd_log == ["start _combine_bwd", "shared bwd", "wait _combine_bwd",
                        "start _dispatch_bwd", "wait _dispatch_bwd"], bwd_log
     assert chunk.trace[3:] == ["0B0:combine1", "0B0:mlp1", "0B0:attn1"]
-
-    # the same bits as the plain block
-    assert torch.equal(out, out_ref)
-    assert torch.equal(gx, x_ref.grad)
-    for k, p in params.items():
-        assert p.grad is not None and torch.equal(p.grad, grads_ref[k]), k
+    blk.assert_same_bits(out, gx)  # the same bits as the plain block
 
 
 @pytest.mark.timeout(60)
 def test_weight_now_runs_each_w_under_its_reverse_all_to_all(ep1_group, monkeypatch):
-    """The runtime's overlapped F&B runs the backward chunk as B then W piece by piece
-    (`chunk.backward(grad, split=True, weight_now=True)`): each piece's weight gradients compute after its
-    B has started the reverse all-to-all and before that exchange is waited for (the next piece's B), as
-    MLP(W) and ATTN(W) sit in the TR's Figure 4. A full backward (split=False) computes each Linear's
-    weight gradient in the node that computes its input gradient, before the exchange can start. Same
-    bits as the plain block."""
-    args = load_preset("tiny", n_layers=2, n_mtp_modules=0)
-    model = Transformer(args)
-    apply_ep(model, ep1_group, 0, 1, timeout_s=30.0)
-    model.init_weights(3)
-    model.to(torch.float64)
-    layer = model.layers["1"]
-    gen = torch.Generator().manual_seed(1)
-    x0 = torch.randn(B, T, args.dim, generator=gen, dtype=torch.float64)
-    g_out = torch.randn(B, T, args.dim, generator=gen, dtype=torch.float64)
-    params = dict(layer.named_parameters())
-    x_ref = x0.clone().requires_grad_()
-    out_ref = layer(x_ref, model.angles)
-    out_ref.backward(g_out)
-    grads_ref = {k: p.grad.clone() for k, p in params.items()}
-    layer.zero_grad(set_to_none=True)
-
-    log = _event_log(monkeypatch, layer.ffn)
-    x = x0.clone().requires_grad_()
+    """With schedule.fb_weight_split the runtime's overlapped F&B runs the backward chunk as B then W piece
+    by piece (`chunk.backward(grad, split=True, weight_now=True)`): each piece's weight gradients compute
+    after its B has started the reverse all-to-all and before that exchange is waited for (the next
+    piece's B), as MLP(W) and ATTN(W) sit in the TR's Figure 4. A full backward (split=False, the default)
+    computes each Linear's weight gradient in the node that computes its input gradient, before the
+    exchange can start. Same bits as the plain block."""
+    blk = _Block(ep1_group, seed=1)
+    log = _event_log(monkeypatch, blk.layer.ffn)
+    x = blk.x0.clone().requires_grad_()
     chunk = stage.Chunk(0, 0, x, trace=log)  # piece names land in the same log, in time order
-    out = stage.run(stage.block_forward(chunk, layer, x, model.angles, overlap=True))
+    out = stage.run(stage.block_forward(chunk, blk.layer, x, blk.angles, overlap=True))
     chunk.finish(out)
     log[:] = []
-    gx = stage.run(chunk.backward(g_out, split=True, weight_now=True))
+    gx = stage.run(chunk.backward(blk.g_out, split=True, weight_now=True))
     at = log.index
     for piece, exchange in (("combine1", "_combine_bwd"), ("mlp1", "_dispatch_bwd")):
         assert at(f"0B0:{piece}") < at(f"0W0:{piece}") < at(f"wait {exchange}"), log
         assert at(f"start {exchange}") < at(f"0W0:{piece}"), log
     assert at("0W0:attn1") == len(log) - 1, log  # the chunk's last W
     assert chunk.pieces == [], "weight_now leaves no W for run_weight"
-    assert torch.equal(out, out_ref)
-    assert torch.equal(gx, x_ref.grad)
-    for k, p in params.items():
-        assert p.grad is not None and torch.equal(p.grad, grads_ref[k]), k
+    blk.assert_same_bits(out, gx)
