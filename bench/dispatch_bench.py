@@ -34,10 +34,10 @@ MODES = [("flat", False, False), ("two-hop", True, False), ("flat + fp8", False,
 def _rank(rank: int, port: int, args, out_q):
     from torch import nn
 
-    from comm.all_to_all import AllToAllDispatcher
-    from comm.counters import ByteCounters
-    from model.args import ModelArgs
-    from model.moe import Gate
+    from moeforge.comm.all_to_all import AllToAllDispatcher
+    from moeforge.comm.counters import ByteCounters
+    from moeforge.model.args import ModelArgs
+    from moeforge.model.moe import Gate
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,

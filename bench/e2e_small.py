@@ -40,10 +40,10 @@ def log(msg: str) -> None:
 
 def job_config(model: str, fp8: bool, backend: str, grouped: bool, seq: int, mbs: int, gbs: int, steps: int,
                data_dir: str, run_dir: str, device: str):
-    from fp8 import Fp8Config
-    from launcher.config import JobConfig
-    from model.args import load_preset
-    from train.config import CheckpointConfig, DataConfig, LoggingConfig, TrainConfig
+    from moeforge.fp8 import Fp8Config
+    from moeforge.launcher.config import JobConfig
+    from moeforge.model.args import load_preset
+    from moeforge.train.config import CheckpointConfig, DataConfig, LoggingConfig, TrainConfig
 
     return JobConfig(
         model=load_preset(model),
@@ -58,10 +58,10 @@ def job_config(model: str, fp8: bool, backend: str, grouped: bool, seq: int, mbs
 
 
 def run_variant(name: str, cfg, warmup: int, steps: int) -> dict:
-    from fp8.grouped import apply_grouped_experts
-    from model.flops import train_flops_per_token
-    from train.loop import Trainer
-    from train.metrics import device_peak_tflops
+    from moeforge.fp8.grouped import apply_grouped_experts
+    from moeforge.model.flops import train_flops_per_token
+    from moeforge.train.loop import Trainer
+    from moeforge.train.metrics import device_peak_tflops
 
     cuda = cfg.train.device == "cuda"
     gc.collect()  # the previous variant's trainer
@@ -113,8 +113,8 @@ def main() -> None:
     if not cuda and not args.smoke:
         log("bench/e2e_small.py: no CUDA GPU here, skipping (--smoke runs the tiny model on CPU to check the script)")
         return
-    from fp8.gemm import unavailable_reason
-    from train.data import prepare
+    from moeforge.fp8.gemm import unavailable_reason
+    from moeforge.train.data import prepare
 
     if args.smoke:
         model, backend, device = "tiny", "emulate", "cpu"

@@ -79,7 +79,7 @@ def _hp_backward(dgrad_hp: bool, wgrad_hp: bool):
     nn.Linear's backward computes), the other GEMM still blockwise FP8 (the library's code)."""
     import torch
 
-    from fp8 import linear
+    from moeforge.fp8 import linear
 
     fp8_backward = linear.Fp8LinearFunction.__dict__["_fp8_backward"].__func__ \
         if "_fp8_backward" in linear.Fp8LinearFunction.__dict__ else linear.Fp8LinearFunction.backward
@@ -114,8 +114,8 @@ def install(variant: str) -> Callable[[str], bool]:
 
     import torch
 
-    import fp8
-    from fp8 import linear
+    from moeforge import fp8
+    from moeforge.fp8 import linear
 
     logger = logging.getLogger("moeforge.fp8")
     variant, _, bwd = variant.partition(":")
@@ -162,12 +162,12 @@ def _show(variant: str, overrides: list[str]) -> None:
     import torch
 
     logging.basicConfig(level="INFO", format="%(name)s: %(message)s")
-    from launcher.config import load_job_config
+    from moeforge.launcher.config import load_job_config
 
     cfg = load_job_config(["model=tiny", "fp8=blockwise", *overrides])
     install(variant)
-    import fp8
-    from model.transformer import Transformer
+    from moeforge import fp8
+    from moeforge.model.transformer import Transformer
 
     with torch.device("meta"):
         model = Transformer(cfg.model)
@@ -205,10 +205,10 @@ def _probe(argv: list[str]) -> None:
     import torch
 
     import fp8_loss as FL
-    from launcher.config import load_job_config
-    from train import checkpoint as ck
-    from train.data import TokenSampler
-    from train.loop import build_model, lm_losses
+    from moeforge.launcher.config import load_job_config
+    from moeforge.train import checkpoint as ck
+    from moeforge.train.data import TokenSampler
+    from moeforge.train.loop import build_model, lm_losses
 
     p = argparse.ArgumentParser(prog="fp8_ablation.py probe")
     p.add_argument("--ckpt", default=str(ROOT / "outputs/fp8_loss/seed0/bf16/checkpoints/step_00000300"))
@@ -289,7 +289,7 @@ def main() -> None:
         if sys.argv[1] == "show":
             return _show(sys.argv[2], sys.argv[3:])
         install(sys.argv[2])
-        from launcher.cli import main as cli_main
+        from moeforge.launcher.cli import main as cli_main
 
         sys.exit(cli_main(["train", *sys.argv[3:]]))
 

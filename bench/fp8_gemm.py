@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fp8 import reference as R  # noqa: E402
-from fp8.gemm import get_ops, unavailable_reason  # noqa: E402
+from moeforge.fp8 import reference as R  # noqa: E402
+from moeforge.fp8.gemm import get_ops, unavailable_reason  # noqa: E402
 
 GEMM_SHAPES = [(4096, 7168, 2048), (4096, 2112, 7168), (4096, 24576, 1536), (4096, 4096, 7168), (8192, 8192, 8192)]
 TRITON_CONFIGS = [
@@ -65,7 +65,7 @@ def correctness(backends: dict, quick: bool) -> dict:
     out = {}
     g = torch.Generator(device=DEV).manual_seed(0)
     if "triton" in backends:
-        from fp8 import kernels
+        from moeforge.fp8 import kernels
 
         for name, shape, block, dtype in (
             ("act 1x128", QUANT_ACT, (1, 128), torch.bfloat16),
@@ -122,7 +122,7 @@ def gemm_perf(backends: dict, quick: bool) -> list[dict]:
         aq, as_ = R.act_quant(a)
         bq, bs = R.weight_quant(b)
         if "triton" in backends:
-            from fp8 import kernels
+            from moeforge.fp8 import kernels
 
             best = (0.0, None)
             for cfg in TRITON_CONFIGS:
@@ -160,7 +160,7 @@ def quant_perf(backends: dict) -> list[dict]:
     log(f"  device copy: bf16 {QUANT_ACT} {copy_gbs:.0f} GB/s, {BIG_COPY_BYTES >> 20} MiB {peak_gbs:.0f} GB/s (read + write)")
     impls = {"torch": R}
     if "triton" in backends:
-        from fp8 import kernels
+        from moeforge.fp8 import kernels
 
         impls["triton"] = kernels
     for impl, mod in impls.items():

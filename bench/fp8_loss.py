@@ -84,7 +84,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def train(arm: str, seed: int, args, extra: list[str]) -> dict:
     run_dir = Path(args.out) / f"seed{seed}" / arm
-    entry = ["-m", "launcher.cli", "train"] if arm not in HOOKS else [
+    entry = ["-m", "moeforge.launcher.cli", "train"] if arm not in HOOKS else [
         str(ROOT / "bench" / "fp8_ablation.py"), "hook", HOOKS[arm]]
     cmd = [sys.executable, *entry, f"data.dir={args.data}", f"run_dir={run_dir}",
            f"train.seed={seed}", *merged_overrides(args.steps, extra, ARMS[arm])]
@@ -129,7 +129,7 @@ def main() -> None:
     args, extra = p.parse_known_args()
     if not (Path(args.data) / "meta.json").is_file():
         sys.path.insert(0, str(ROOT))
-        from train.data import prepare
+        from moeforge.train.data import prepare
 
         prepare(None, args.data)
     jobs = [(arm, s) for s in args.seeds for arm in args.arms]

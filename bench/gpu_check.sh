@@ -27,7 +27,7 @@ import torch
 tv = __import__("triton").__version__ if importlib.util.find_spec("triton") else "none"
 print(f"torch {torch.__version__} cuda {torch.version.cuda} triton {tv} "
       f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'NONE'}")
-from fp8 import unavailable_reason
+from moeforge.fp8 import unavailable_reason
 for b in ("emulate", "triton", "cublas"):
     print(f"backend {b}: {unavailable_reason(b) or 'available'}")
 PY

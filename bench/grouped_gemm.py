@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fp8 import Fp8Config, apply_fp8  # noqa: E402
-from fp8 import reference as R  # noqa: E402
+from moeforge.fp8 import Fp8Config, apply_fp8  # noqa: E402
+from moeforge.fp8 import reference as R  # noqa: E402
 from fp8_gemm import log, rel, time_ms  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 M_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3),
@@ -70,8 +70,8 @@ def counts_for(G: int, m: int, ragged: bool, seed: int = 0) -> list[int]:
 
 
 def correctness(dev: str, smoke: bool) -> dict:
-    from fp8 import fused
-    from fp8 import grouped as Gm
+    from moeforge.fp8 import fused
+    from moeforge.fp8 import grouped as Gm
 
     out = {}
     g = torch.Generator(device=dev).manual_seed(0)
@@ -134,8 +134,8 @@ def _grouped_mm_bf16(a, w_GNK, counts):
 
 
 def gemm_perf(dev: str, timer: Timer, smoke: bool) -> list[dict]:
-    from fp8 import grouped as Gm
-    from fp8 import kernels
+    from moeforge.fp8 import grouped as Gm
+    from moeforge.fp8 import kernels
 
     rows = []
     g = torch.Generator(device=dev).manual_seed(1)
@@ -185,9 +185,9 @@ def gemm_perf(dev: str, timer: Timer, smoke: bool) -> list[dict]:
 
 
 def quant_perf(dev: str, timer: Timer, smoke: bool) -> list[dict]:
-    from fp8 import fused
-    from fp8 import grouped as Gm
-    from fp8 import kernels
+    from moeforge.fp8 import fused
+    from moeforge.fp8 import grouped as Gm
+    from moeforge.fp8 import kernels
 
     T, D, I = (300, 256, 256) if smoke else (QUANT_ROWS, QUANT_DIM, SWIGLU_DIM)
     g = torch.Generator(device=dev).manual_seed(2)
@@ -235,8 +235,8 @@ class _Layer(nn.Module):
 
 def expert_layer(dev, dtype, backend, grouped, D, I, G, mean, seed=0):
     """(run fwd+bwd, flops, run returning [y, dx, dw2 of expert 0]) for one layer of G SwiGLU experts."""
-    from fp8.grouped import apply_grouped_experts
-    from model.moe import MLP, run_experts
+    from moeforge.fp8.grouped import apply_grouped_experts
+    from moeforge.model.moe import MLP, run_experts
 
     torch.manual_seed(seed)
     e = nn.ModuleDict({str(i): MLP(D, I, device=dev, dtype=dtype) for i in range(G)})
@@ -293,7 +293,7 @@ def main() -> None:
         log("bench/grouped_gemm.py: no CUDA GPU here, skipping "
             "(TRITON_INTERPRET=1 ... --smoke checks the script on CPU)")
         return
-    from fp8.gemm import unavailable_reason
+    from moeforge.fp8.gemm import unavailable_reason
 
     if dev == "cuda" and unavailable_reason("triton"):
         sys.exit(f"bench/grouped_gemm.py: {unavailable_reason('triton')}")

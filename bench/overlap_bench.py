@@ -114,7 +114,7 @@ class Config:
     timeout_s: float = 300.0
 
     def model_args(self):
-        from model.args import load_preset
+        from moeforge.model.args import load_preset
 
         # every block MoE (n_dense_layers=0) so that every layer has all-to-alls to hide; one MTP module
         return load_preset("tiny", dim=self.dim, n_layers=self.n_layers, n_dense_layers=0, n_heads=self.n_heads,
@@ -124,8 +124,8 @@ class Config:
 
 # imported once by the fork server the ranks are forked from (torch alone takes ~6 s on 2 loaded cores,
 # torch.distributed.pipelining as much again)
-PRELOAD = ["torch", "torch.distributed", "torch.distributed.pipelining", "comm.all_to_all", "dualpipe.runtime",
-           "model.split", "parallel.apply_ep"]
+PRELOAD = ["torch", "torch.distributed", "torch.distributed.pipelining", "moeforge.comm.all_to_all", "moeforge.dualpipe.runtime",
+           "moeforge.model.split", "moeforge.parallel.apply_ep"]
 # Stage costs for model.split: with a 257-token vocabulary the embedding and the head cost next to
 # nothing, the MTP module as much as a block. With 7 blocks + MTP every DualPipeV stage (4) holds 2 MoE
 # layers and every 1F1B stage (2) holds 4, so the two chunks of every F&B pair have the same number of
@@ -164,8 +164,8 @@ def instrument(blocked: Blocked) -> None:
     pipelining's p2p wait."""
     import torch.distributed.pipelining.schedules as tsched
 
-    from comm.all_to_all import CommStream, _Job
-    from dualpipe.runtime import PipelineRuntime
+    from moeforge.comm.all_to_all import CommStream, _Job
+    from moeforge.dualpipe.runtime import PipelineRuntime
 
     stream_submit, stream_wait, job_run = CommStream.submit, CommStream.wait, _Job.run
     our_wait, their_wait = PipelineRuntime._wait, tsched._wait_batch_p2p
@@ -202,11 +202,11 @@ def _build(args, schedule: str, pp_rank: int, ep_group, ep_rank: int):
     """meta -> apply_ep -> split -> materialise -> init (the order of docs/pipeline.md)."""
     import torch
 
-    from comm.counters import ByteCounters
-    from dualpipe.schedule import num_stages, stage_placement
-    from model.split import build_stages
-    from model.transformer import Transformer
-    from parallel.apply_ep import apply_ep
+    from moeforge.comm.counters import ByteCounters
+    from moeforge.dualpipe.schedule import num_stages, stage_placement
+    from moeforge.model.split import build_stages
+    from moeforge.model.transformer import Transformer
+    from moeforge.parallel.apply_ep import apply_ep
 
     with torch.device("meta"):
         model = Transformer(args)
@@ -219,9 +219,9 @@ def _build(args, schedule: str, pp_rank: int, ep_group, ep_rank: int):
 
 
 def _ours(cfg: Config, args, schedule, pp_rank, pp_group, ep_group, ep_rank):
-    from dualpipe.runtime import PipelineRuntime
-    from dualpipe.schedule import num_stages
-    from model.split import stage_layers
+    from moeforge.dualpipe.runtime import PipelineRuntime
+    from moeforge.dualpipe.schedule import num_stages
+    from moeforge.model.split import stage_layers
 
     model, stages, counters = _build(args, schedule, pp_rank, ep_group, ep_rank)
     rt = PipelineRuntime.for_schedule(schedule, stages, pp_group, cfg.n_micro, timeout_s=cfg.timeout_s,
@@ -240,7 +240,7 @@ def _torch(cfg: Config, args, schedule, pp_rank, pp_group, ep_group, ep_rank):
     import torch
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV
 
-    from dualpipe.schedule import num_stages, stage_placement
+    from moeforge.dualpipe.schedule import num_stages, stage_placement
 
     class _TorchStage(torch.nn.Module):
         """A StageModule as torch.distributed.pipelining wants it: one tensor in, one out (the first stage takes
@@ -551,7 +551,7 @@ def _measure_link(src: dict, dst: dict, seconds: float = 3.0) -> float:
 def fb_fraction(n_micro: int) -> list[float]:
     """Per pp rank: the share of its chunks (F or B) that run inside an F&B pair under DualPipeV, pp 2.
     Only those chunks' all-to-alls can be hidden, so this bounds "hidden" from above."""
-    from dualpipe.schedule import build_schedule
+    from moeforge.dualpipe.schedule import build_schedule
 
     out = []
     for acts in build_schedule("dualpipev", PP, n_micro):

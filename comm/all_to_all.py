@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.moe import run_experts
+from moeforge.model.moe import run_experts
 
 from .counters import ByteCounters
 from .layout import (EPTopology, dest_rank_mask, group_by_expert, plan_sends, two_hop_first_mask,
@@ -293,14 +293,14 @@ class AllToAllDispatcher:
 
     def _encode_x(self, x: torch.Tensor, fp8: bool) -> dict[str, torch.Tensor]:
         if fp8:
-            from fp8.reference import quantize_for_dispatch
+            from moeforge.fp8.reference import quantize_for_dispatch
             q, s = quantize_for_dispatch(x, FP8_TILE)
             return {"q": q, "s": s}
         return {"x": x}
 
     def _decode_x(self, f: dict[str, torch.Tensor], dtype: torch.dtype, fp8: bool) -> torch.Tensor:
         if fp8:
-            from fp8.reference import dequantize_from_dispatch
+            from moeforge.fp8.reference import dequantize_from_dispatch
             return dequantize_from_dispatch(f["q"], f["s"], FP8_TILE, dtype)
         return f["x"]
 

@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from model.split import StageModule, stage_layers
+from moeforge.model.split import StageModule, stage_layers
 
 from .schedule import Action, build_schedule, is_reverse, stage_to_rank
 from .stage import Chunk, interleave, run, stage_forward
@@ -293,7 +293,7 @@ class PipelineRuntime:
             self._pending.append((works, keep, what))
 
     def _wait(self, works: list, what: str) -> None:
-        from parallel.mesh import peer_guard
+        from moeforge.parallel.mesh import peer_guard
 
         t0 = time.perf_counter()
         with peer_guard(f"pipeline p2p [{what}] on pp rank {self.pp_rank}", self.pp_group,
@@ -392,7 +392,7 @@ class PipelineRuntime:
     def reduce_tied_loads(self) -> None:
         """DualPipe: sum each MoE layer's tokens_per_expert over the two ranks holding it (each ran half
         of the micro-batches). Call before the dp all-reduce of the loads and the bias update."""
-        from model.moe import MoE
+        from moeforge.model.moe import MoE
 
         self._tied_exchange(lambda mod: [m.tokens_per_expert for m in mod.modules() if isinstance(m, MoE)],
                             "reduce_tied_loads")

@@ -52,7 +52,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
-from dualpipe.schedule import COMM_OPS, COMPUTE_OPS, Action, num_stages
+from moeforge.dualpipe.schedule import COMM_OPS, COMPUTE_OPS, Action, num_stages
 
 WAIT_MODES = ("batch", "recvs", "all")
 

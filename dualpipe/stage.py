@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from model.moe import AuxLossAutoScaler, MoE, sequence_balance_loss
+from moeforge.model.moe import AuxLossAutoScaler, MoE, sequence_balance_loss
 
 def _edge(t) -> GradientEdge:
     return t if isinstance(t, GradientEdge) else get_gradient_edge(t)

@@ -28,14 +28,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fp8 import reference as R
-from fp8.reference import FP8_DTYPE, cdiv
+from moeforge.fp8 import reference as R
+from moeforge.fp8.reference import FP8_DTYPE, cdiv
 
 try:  # the kernels need triton; the torch twins below do not
     import triton
     import triton.language as tl
 
-    from fp8.kernels import _amax, _scale_from_amax
+    from moeforge.fp8.kernels import _amax, _scale_from_amax
 except ImportError:
     triton = None
 
@@ -148,7 +148,7 @@ if triton is not None:
 
 def _need_triton() -> None:
     if triton is None:
-        raise RuntimeError("fp8.fused kernels need the triton package; the *_ref torch twins do not")
+        raise RuntimeError("moeforge.fp8.fused kernels need the triton package; the *_ref torch twins do not")
 
 
 def _check_block(block_size: int) -> None:

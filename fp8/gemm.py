@@ -17,9 +17,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fp8 import reference
-from fp8.config import BACKENDS
-from fp8.reference import b_scale_kind, cdiv, check_gemm_args
+from moeforge.fp8 import reference
+from moeforge.fp8.config import BACKENDS
+from moeforge.fp8.reference import b_scale_kind, cdiv, check_gemm_args
 
 
 @dataclass(frozen=True)
@@ -142,10 +142,10 @@ def get_ops(backend: str) -> Fp8Ops:
         R = reference
         return Fp8Ops("emulate", R.act_quant, R.act_quant_t, R.weight_quant, R.gemm)
     if backend == "triton":
-        from fp8 import kernels as K
+        from moeforge.fp8 import kernels as K
 
         return Fp8Ops("triton", K.act_quant, K.act_quant_t, K.weight_quant, K.gemm)
     Q = reference
     if _has_triton():
-        from fp8 import kernels as Q
+        from moeforge.fp8 import kernels as Q
     return Fp8Ops("cublas", Q.act_quant, Q.act_quant_t, Q.weight_quant, cublas_gemm)

@@ -36,17 +36,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fp8 import fused
-from fp8 import reference as R
-from fp8.config import Fp8Config
-from fp8.gemm import Fp8Ops, check_backend, get_ops
-from fp8.reference import FP8_DTYPE, cdiv
+from moeforge.fp8 import fused
+from moeforge.fp8 import reference as R
+from moeforge.fp8.config import Fp8Config
+from moeforge.fp8.gemm import Fp8Ops, check_backend, get_ops
+from moeforge.fp8.reference import FP8_DTYPE, cdiv
 
 try:  # the Triton kernels need triton; the layout, the emulate path and the autograd function do not
     import triton
     import triton.language as tl
 
-    from fp8.kernels import _tile_ids
+    from moeforge.fp8.kernels import _tile_ids
 except ImportError:
     triton = None
 
@@ -356,7 +356,7 @@ def _looped_ops(name: str, dense: Fp8Ops) -> GroupedOps:
 
 
 def _weight_quant_triton(ws, bs, p2):
-    from fp8 import kernels
+    from moeforge.fp8 import kernels
 
     if ws[0].shape[0] % bs == 0:  # whole 128-row blocks: the stacked (G*N, K) view quantizes each expert alone
         G, (N, K) = len(ws), ws[0].shape

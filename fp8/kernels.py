@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fp8.reference import FP8_DTYPE, b_scale_kind, cdiv, check_gemm_args
+from moeforge.fp8.reference import FP8_DTYPE, b_scale_kind, cdiv, check_gemm_args
 
 
 

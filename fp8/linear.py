@@ -16,8 +16,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from fp8.config import Fp8Config
-from fp8.gemm import Fp8Ops, check_backend, get_ops
+from moeforge.fp8.config import Fp8Config
+from moeforge.fp8.gemm import Fp8Ops, check_backend, get_ops
 
 logger = logging.getLogger("moeforge.fp8")
 
@@ -210,7 +210,7 @@ def apply_fp8(
             swapped[id(child)] = Fp8Linear.from_linear(child, cfg, wgrad_store)
         setattr(parent, name, swapped[id(child)])
     if cfg.grouped_experts:  # routed experts: one grouped FP8 call per projection (same bits on emulate)
-        from fp8.grouped import apply_grouped_experts
+        from moeforge.fp8.grouped import apply_grouped_experts
 
         apply_grouped_experts(model, cfg, wgrad_store=wgrad_store, exclude=exclude)
     logger.info(

@@ -24,7 +24,7 @@ def _human(n: int) -> str:
 
 def describe(path: Path) -> dict:
     """What `inspect` prints for one step_* folder (never raises on a damaged checkpoint)."""
-    from train import checkpoint as ckpt
+    from moeforge.train import checkpoint as ckpt
 
     why = ckpt.verify(path)
     info = {"path": str(path), "step": ckpt.step_of(path), "whole": why is None, "why_not": why}
@@ -54,7 +54,7 @@ def _numel(shape) -> int:
 
 
 def _inspect(args) -> int:
-    from train import checkpoint as ckpt
+    from moeforge.train import checkpoint as ckpt
 
     root = Path(args.path)
     paths = [root] if ckpt.step_of(root) is not None or (root / ckpt.MANIFEST).is_file() else \
@@ -89,14 +89,14 @@ def _inspect(args) -> int:
 
 
 def _export(args) -> int:
-    from train.hf_export import export_hf
+    from moeforge.train.hf_export import export_hf
 
     export_hf(args.path, args.hf, dtype=args.dtype, shard_bytes=int(args.shard_gib * (1 << 30)))
     return 0
 
 
 def _import(args) -> int:
-    from train.hf_export import import_hf
+    from moeforge.train.hf_export import import_hf
 
     import_hf(args.hf_dir, args.out, step=args.step, name=args.name, dtype=args.dtype)
     return 0
@@ -128,7 +128,7 @@ def add_ckpt_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launcher.ckpt")
+    p = argparse.ArgumentParser(prog="python -m moeforge.launcher.ckpt")
     add_ckpt_parser(p.add_subparsers(dest="command", required=True))
     args = p.parse_args(["ckpt", *(sys.argv[1:] if argv is None else argv)])
     return args.fn(args)

@@ -13,7 +13,7 @@ def _train(args) -> int:
     from .config import load_job_config
 
     cfg = load_job_config(args.overrides)
-    from train.loop import run
+    from moeforge.train.loop import run
 
     run(cfg)
     return 0
@@ -27,25 +27,25 @@ def _launch(args) -> int:
     cfg = load_job_config(args.overrides)
     opts = options_from_args(args)
     if str(opts.nproc_per_node).isdigit() and str(opts.nnodes).isdigit():
-        from parallel.dims import ParallelDims
+        from moeforge.parallel.dims import ParallelDims
 
         nproc = int(opts.nproc_per_node)
         dims = ParallelDims.from_config(cfg.parallel, nproc * int(opts.nnodes), nproc, cfg.model.n_routed_experts)
-        from train.loop import validate_schedule
+        from moeforge.train.loop import validate_schedule
 
         validate_schedule(cfg, dims.pp, dims.dp)
-    return launch(opts, "launcher.cli", ["train", *args.overrides])
+    return launch(opts, "moeforge.launcher.cli", ["train", *args.overrides])
 
 
 def _data_prepare(args) -> int:
-    from train.data import prepare
+    from moeforge.train.data import prepare
 
     prepare(args.input, args.output, args.val_fraction)
     return 0
 
 
 def _report(args) -> int:
-    from train.report import plot_run
+    from moeforge.train.report import plot_run
 
     for path in plot_run(args.run_dir):
         print(path)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from dualpipe.config import ScheduleConfig
-from fp8.config import Fp8Config
-from model.args import ModelArgs
-from parallel.config import ParallelConfig
-from train.config import CheckpointConfig, DataConfig, LoggingConfig, TrainConfig
+from moeforge.dualpipe.config import ScheduleConfig
+from moeforge.fp8.config import Fp8Config
+from moeforge.model.args import ModelArgs
+from moeforge.parallel.config import ParallelConfig
+from moeforge.train.config import CheckpointConfig, DataConfig, LoggingConfig, TrainConfig
 
 
 class ConfigError(ValueError):
@@ -46,7 +46,7 @@ def compose(overrides: list[str] | None = None):
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        with initialize_config_module(config_module="conf", version_base="1.3"):
+        with initialize_config_module(config_module="moeforge.conf", version_base="1.3"):
             return hydra_compose(config_name="config", overrides=list(overrides or []))
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(f"config: {e}") from None

@@ -3,7 +3,7 @@
 Three launchers are recognised, in this order:
 - torchrun (torch.distributed.run, also under srun): RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
   GROUP_RANK, MASTER_ADDR, MASTER_PORT are set by the elastic agent;
-- Slurm without torchrun (`srun python -m launcher.cli train`, one task per rank): SLURM_PROCID,
+- Slurm without torchrun (`srun python -m moeforge.launcher.cli train`, one task per rank): SLURM_PROCID,
   SLURM_NTASKS, SLURM_LOCALID, SLURM_NTASKS_PER_NODE (or SLURM_TASKS_PER_NODE), SLURM_NODEID; the
   master is MASTER_ADDR, else the first host of SLURM_JOB_NODELIST (`scontrol show hostnames`); the
   port is MASTER_PORT, else 20000 + SLURM_JOB_ID % 20000. Only inside a job step (SLURM_STEP_ID set):

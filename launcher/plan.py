@@ -235,7 +235,7 @@ ALL_MODES = ((False, False), (False, True), (True, False), (True, True))  # (two
 @functools.lru_cache(maxsize=64)
 def ep_traffic(args, ep: int, ranks_per_node: int, x_bytes: int, modes=ALL_MODES) -> dict:
     """{(two_hop, fp8): EPTraffic} of one MoE layer under uniform routing, averaged over the ep ranks."""
-    from comm.layout import EPTopology
+    from moeforge.comm.layout import EPTopology
 
     if ep == 1:
         return {m: EPTraffic({}, {}, 1.0, 1.0) for m in modes}
@@ -317,8 +317,8 @@ class Stage:
 def build_stages(args, n_stages: int, seq_len: int, fp8: bool) -> list[Stage]:
     """Per stage of model.stages.stage_layers (the split the runtime uses): params, forward FLOPs per
     token, activations per token."""
-    from model.flops import attention_flops_per_token, parts
-    from model.stages import stage_layers
+    from moeforge.model.flops import attention_flops_per_token, parts
+    from moeforge.model.stages import stage_layers
 
     attn = attention_flops_per_token(args, seq_len)
     by_fqn: dict[str, list] = {}
@@ -432,14 +432,14 @@ _FORMULA_RANK = {"1f1b": lambda pp: 0, "zb1p": lambda pp: 0, "dualpipe": lambda 
 
 @functools.lru_cache(maxsize=256)
 def _schedule(name: str, pp: int, n: int):
-    from dualpipe.schedule import build_schedule
+    from moeforge.dualpipe.schedule import build_schedule
 
     return build_schedule(name, pp, n)
 
 
 @functools.lru_cache(maxsize=256)
 def _rank_actions(name: str, pp: int, n: int, rank: int):
-    from dualpipe.schedule import GENERATORS
+    from moeforge.dualpipe.schedule import GENERATORS
 
     return GENERATORS[name](rank, pp, n)
 
@@ -462,8 +462,8 @@ class _Layout:
 
 def _price_schedule(name: str, L: _Layout, stages: list[Stage], tr: EPTraffic) -> ScheduleResult:
     """One schedule on one layout: chunk costs, makespan and bubble, ZeRO-1 sync, memory of the fullest rank."""
-    from dualpipe.schedule import stage_placement, validate
-    from dualpipe.simulate import Costs, bubble_formula, step_time
+    from moeforge.dualpipe.schedule import stage_placement, validate
+    from moeforge.dualpipe.simulate import Costs, bubble_formula, step_time
 
     res = ScheduleResult(name)
     try:
@@ -538,9 +538,9 @@ def evaluate(cfg, cluster: Cluster, schedules=SCHEDULE_ORDER, chosen: str | None
              master: str = "sharded", exact: bool = True) -> LayoutPlan:
     """Price the layout of cfg.parallel on `cluster` for each schedule. The verdict's schedule is `chosen`,
     or else the fastest that fits (if none fits, the one that needs least memory)."""
-    from dualpipe.schedule import num_stages
-    from model.flops import count_params, train_flops_per_token
-    from parallel.dims import ParallelDims
+    from moeforge.dualpipe.schedule import num_stages
+    from moeforge.model.flops import count_params, train_flops_per_token
+    from moeforge.parallel.dims import ParallelDims
 
     a, t, par = cfg.model, cfg.train, cfg.parallel
     gpn = cluster.gpus_per_node
@@ -902,7 +902,7 @@ def run_plan(args) -> int:
 
 
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
-    from dualpipe.schedule import SCHEDULES
+    from moeforge.dualpipe.schedule import SCHEDULES
 
     p = subparsers.add_parser("plan", help="memory, bubble, EP bytes, step time and fit of a layout, before launching")
     p.add_argument("overrides", nargs="*", help="job overrides (model=671b parallel.pp=16 ...) and cluster.gpu=h800 "

@@ -11,7 +11,7 @@ What the script does, in order:
 3. Rendezvous host: the first node of `scontrol show hostnames $SLURM_JOB_NODELIST`, at the address
    Slurm itself uses for it (its NodeAddr, which is the hostname unless the admin set one); port
    20000 + SLURM_JOB_ID % 10000 unless --rdzv-port is given; rendezvous id = the job id.
-4. `srun --ntasks-per-node=1 python -m torch.distributed.run ... -m launcher.cli train OVERRIDES` in the
+4. `srun --ntasks-per-node=1 python -m torch.distributed.run ... -m moeforge.launcher.cli train OVERRIDES` in the
    background, with torchrun's argv built by launcher/torchrun.py (c10d, --signals-to-handle,
    --shutdown-timeout <grace> where the installed torch has them).
 5. Signals. USR1 (the time-limit notice, or `scancel --batch --signal=USR1 JOB`) means "checkpoint and
@@ -133,7 +133,7 @@ def torchrun_argv(job: SlurmJob) -> list[str]:
         extra = ("--shutdown-timeout", str(job.signal_grace_s))
     opts = LaunchOptions(nproc_per_node=str(job.procs_per_node), nnodes=str(job.nodes),
                          rdzv_endpoint=_RDZV_ENDPOINT, rdzv_id=_RDZV_ID, max_restarts=0, extra=extra)
-    return build_torchrun_argv(opts, "launcher.cli", ["train", *train_overrides(job)])
+    return build_torchrun_argv(opts, "moeforge.launcher.cli", ["train", *train_overrides(job)])
 
 
 def train_overrides(job: SlurmJob) -> list[str]:
@@ -277,7 +277,7 @@ def job_from_args(ns: argparse.Namespace) -> SlurmJob:
                    signal_grace_s=ns.signal_grace, max_requeues=ns.max_requeues, max_failures=ns.max_failures,
                    rdzv_port=ns.rdzv_port, sbatch_options=tuple(ns.sbatch_option or ()), overrides=overrides,
                    run_dir=os.path.abspath(cfg.run_dir), workdir=os.getcwd())
-    from parallel.dims import ParallelDims
+    from moeforge.parallel.dims import ParallelDims
 
     n = job.procs_per_node
     ParallelDims.from_config(cfg.parallel, n * job.nodes, n, cfg.model.n_routed_experts)

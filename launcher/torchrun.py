@@ -1,8 +1,8 @@
 """`moeforge launch`: torch's own elastic launcher (torch.distributed.run), not a re-implementation.
 
     opts = options_from_args(ns)                       # from add_launch_arguments' flags
-    argv = build_torchrun_argv(opts, "launcher.cli", ["train", *overrides])   # pure
-    rc = launch(opts, "launcher.cli", ["train", *overrides])   # NVML preflight, then torchrun
+    argv = build_torchrun_argv(opts, "moeforge.launcher.cli", ["train", *overrides])   # pure
+    rc = launch(opts, "moeforge.launcher.cli", ["train", *overrides])   # NVML preflight, then torchrun
 
 One node with no --rdzv-endpoint runs `--standalone`; otherwise c10d rendezvous at the endpoint
 (every node runs the same command; the host of the endpoint adds `--rdzv-conf is_host=true` where
@@ -11,7 +11,7 @@ with no endpoint given, nnodes / rdzv endpoint / rdzv id default to SLURM_NNODES
 node list (port 29400) and SLURM_JOB_ID. torchrun runs as a child process, so signals it handles
 (SIGTERM, SIGUSR1, ... where the installed torch has --signals-to-handle) reach the workers.
 
-Run any module the same way: `python -m launcher.torchrun [launch flags] MODULE [ARGS...]`.
+Run any module the same way: `python -m moeforge.launcher.torchrun [launch flags] MODULE [ARGS...]`.
 """
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ def launch(opts: LaunchOptions, entry_module: str, entry_args: list[str]) -> int
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launcher.torchrun", description="launch MODULE under torchrun")
+    p = argparse.ArgumentParser(prog="python -m moeforge.launcher.torchrun", description="launch MODULE under torchrun")
     add_launch_arguments(p)
     p.add_argument("module")
     p.add_argument("args", nargs=argparse.REMAINDER)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.data import split_window
+from moeforge.train.data import split_window
 
 from .args import ModelArgs
 from .moe import MoE

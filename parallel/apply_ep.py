@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from comm.all_to_all import AllToAllDispatcher, CommStream
-from comm.counters import ByteCounters
-from model.moe import MoE
+from moeforge.comm.all_to_all import AllToAllDispatcher, CommStream
+from moeforge.comm.counters import ByteCounters
+from moeforge.model.moe import MoE
 
 
 def apply_ep(model: nn.Module, ep_group: dist.ProcessGroup | None, ep_rank: int, ep_size: int,

@@ -1,7 +1,7 @@
 """A smoke test of the process groups under a real launcher:
 
-    python -m torch.distributed.run --nproc-per-node 4 -m parallel.selfcheck --pp 2 --ep 2
-    python -m launcher.torchrun --nproc-per-node 2 parallel.selfcheck --pp 1 --ep 2
+    python -m torch.distributed.run --nproc-per-node 4 -m moeforge.parallel.selfcheck --pp 2 --ep 2
+    python -m moeforge.launcher.torchrun --nproc-per-node 2 moeforge.parallel.selfcheck --pp 1 --ep 2
 
 Each rank forms the default group (parallel.mesh.init_distributed), builds the meshes, all-reduces
 its rank over every group and checks the sum against the pure rank math, then prints one line:
@@ -18,7 +18,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m parallel.selfcheck")
+    p = argparse.ArgumentParser(prog="python -m moeforge.parallel.selfcheck")
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--ranks-per-node", type=int, default=None)
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from launcher.env import RuntimeEnv
+    from moeforge.launcher.env import RuntimeEnv
 
     from .dims import ParallelDims
     from .groups import group_of

@@ -10,7 +10,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 @pytest.fixture(scope="session")
 def stdlib_data(tmp_path_factory):
     """The default corpus (Python stdlib sources), tokenized once per test session."""
-    from train.data import prepare
+    from moeforge.train.data import prepare
 
     out = tmp_path_factory.mktemp("stdlib_tokens")
     prepare(None, out, log=lambda *a: None)

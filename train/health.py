@@ -72,7 +72,7 @@ class SpikeGuard:
 
 def moe_layer_labels(model: torch.nn.Module) -> list[str]:
     """One label per MoE layer in `model.moe_layers()` order: the block's layer id, "mtp<k>" for MTP."""
-    from model.moe import MoE
+    from moeforge.model.moe import MoE
 
     out = []
     for name, m in model.named_modules():

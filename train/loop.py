@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model.moe import update_balance_bias_
-from model.transformer import Transformer, param_counts
+from moeforge.model.moe import update_balance_bias_
+from moeforge.model.transformer import Transformer, param_counts
 
 from . import checkpoint as ckpt
 from .data import EOT, TokenSampler, decode, encode, load_meta, prepare, split_window
@@ -55,19 +55,19 @@ def build_model(cfg, device: torch.device, meshes=None, counters=None, stage_ids
     with torch.device("meta"):
         model = Transformer(cfg.model)
     if cfg.fp8.enabled:
-        from fp8 import apply_fp8
+        from moeforge.fp8 import apply_fp8
 
         apply_fp8(model, cfg.fp8)
     if meshes is not None and meshes.dims.ep > 1:
-        from parallel.apply_ep import apply_ep
+        from moeforge.parallel.apply_ep import apply_ep
 
         apply_ep(model, meshes.ep, meshes.coords.ep, meshes.dims.ep, meshes.dims.ranks_per_node,
                  two_hop=cfg.parallel.two_hop, fp8=cfg.parallel.fp8_dispatch, counters=counters,
                  timeout_s=meshes.timeout_s, device=device)
     stages = None
     if stage_ids is not None:
-        from dualpipe.schedule import num_stages
-        from model.split import build_stages
+        from moeforge.dualpipe.schedule import num_stages
+        from moeforge.model.split import build_stages
 
         stages = build_stages(model, stage_ids, num_stages(cfg.schedule.name, cfg.parallel.pp))
     model.to_empty(device=device)
@@ -91,7 +91,7 @@ def validate_schedule(cfg, pp: int, dp: int) -> None:
     n_micro = micro_batches_per_rank(cfg, dp)
     if pp == 1:
         return
-    from dualpipe.schedule import num_stages, validate
+    from moeforge.dualpipe.schedule import num_stages, validate
 
     try:
         validate(cfg.schedule.name, pp, n_micro)
@@ -163,7 +163,7 @@ class Trainer:
     """One rank's state: model (its experts), optimizer (its ZeRO-1 shard), data position, step."""
 
     def __init__(self, cfg, env=None, meshes=None):
-        from launcher.env import RuntimeEnv
+        from moeforge.launcher.env import RuntimeEnv
 
         self.cfg = cfg
         self.env = env or RuntimeEnv()
@@ -186,13 +186,13 @@ class Trainer:
                                        self.dp_rank, self.dp_size)
         self.val_data = TokenSampler(cfg.data.dir, "val", window, t.global_batch_size, t.seed,
                                      self.dp_rank, self.dp_size)
-        from comm.counters import ByteCounters
+        from moeforge.comm.counters import ByteCounters
 
         self.comm_counters = ByteCounters()
         self.rt = None  # the pipeline runtime when parallel.pp > 1
         if self.pp > 1:
-            from dualpipe.runtime import PipelineRuntime
-            from dualpipe.schedule import stage_placement
+            from moeforge.dualpipe.runtime import PipelineRuntime
+            from moeforge.dualpipe.schedule import stage_placement
 
             sc = cfg.schedule
             self.model = build_model(cfg, self.device, meshes, self.comm_counters,
@@ -230,7 +230,7 @@ class Trainer:
             dist.barrier()
 
     def build_optimizer(self):
-        from parallel.zero import ShardedAdamW
+        from moeforge.parallel.zero import ShardedAdamW
 
         t = self.cfg.train
         groups = {}
@@ -245,7 +245,7 @@ class Trainer:
         or the stages holding MoE layers, contribute): the whole step's sum on every rank."""
         if self.meshes is None or (self.dp_size == 1 and self.pp == 1):
             return values
-        from parallel.grad_sync import all_reduce_sum_
+        from moeforge.parallel.grad_sync import all_reduce_sum_
 
         t = torch.tensor(values, dtype=torch.float64)
         all_reduce_sum_([t], self.meshes, "dp")
@@ -255,7 +255,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One optimizer step: n_micro micro-batches per rank, dp-reduce, clip, skip check, AdamW, bias update."""
-        from parallel.grad_sync import clip_grad_norm_, reduce_gradients
+        from moeforge.parallel.grad_sync import clip_grad_norm_, reduce_gradients
 
         from .metrics import StepTimer
 
@@ -329,7 +329,7 @@ class Trainer:
         if self.rt is not None:
             self.rt.reduce_tied_loads()  # DualPipe: each twin stage ran half of the micro-batches
         if self.meshes is not None and loads:
-            from parallel.grad_sync import all_reduce_sum_
+            from moeforge.parallel.grad_sync import all_reduce_sum_
 
             all_reduce_sum_(loads, self.meshes, "dp")
         out = torch.stack(loads).cpu() if loads else torch.zeros(0, self.cfg.model.n_routed_experts)
@@ -407,7 +407,7 @@ class Trainer:
 
     def checkpoint_state(self) -> dict:
         """This rank's share of the job state under logical keys (model, optimizer pieces, step, RNG)."""
-        from parallel.grad_sync import is_routed_expert
+        from moeforge.parallel.grad_sync import is_routed_expert
 
         m = self.meshes
         state = ckpt.model_state(self.model, (m.coords.dp, m.dims.dp) if m else (0, 1),
@@ -553,15 +553,15 @@ def dist_world():
 
 def setup_distributed(cfg):
     """(env, meshes): meshes is None for a single process. Validates the layout before any group forms."""
-    from launcher.env import RuntimeEnv
-    from parallel.dims import ParallelDims
+    from moeforge.launcher.env import RuntimeEnv
+    from moeforge.parallel.dims import ParallelDims
 
     env = RuntimeEnv.from_env()
     dims = ParallelDims.from_config(cfg.parallel, env.world_size, env.local_world_size, cfg.model.n_routed_experts)
     validate_schedule(cfg, dims.pp, dims.dp)
     if env.world_size == 1:
         return env, None
-    from parallel.mesh import build_meshes, init_distributed
+    from moeforge.parallel.mesh import build_meshes, init_distributed
 
     backend = init_distributed(env, cfg.parallel.backend, cfg.parallel.timeout_s)
     meshes = build_meshes(dims, device_type="cuda" if backend == "nccl" else "cpu", timeout_s=cfg.parallel.timeout_s)

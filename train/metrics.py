@@ -198,7 +198,7 @@ class RunMonitor:
     def _flops_and_peak(self) -> tuple[float | None, float | None]:
         cfg, t = self.cfg, self.cfg.train
         try:
-            from model.flops import train_flops_per_token
+            from moeforge.model.flops import train_flops_per_token
         except ImportError as e:
             self.say(f"moeforge: no FLOP count (model/flops.py: {e}); TFLOP/s and MFU stay null")
             return None, None

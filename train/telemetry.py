@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from launcher.doctor import _str, _try
+from moeforge.launcher.doctor import _str, _try
 
 
 class GpuTelemetry:

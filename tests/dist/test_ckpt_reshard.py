@@ -17,7 +17,7 @@ import pytest
 import torch
 from _spawn import run_ranks
 
-from train.metrics import read_metrics
+from moeforge.train.metrics import read_metrics
 
 COMMON = ["train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=2", "train.sample_tokens=0",
           "logging.progress=false", "train.eval_interval=100", "parallel.timeout_s=60"]
@@ -25,8 +25,8 @@ PIECE = re.compile(r"^optim\.(exp_avg|exp_avg_sq)\.(.+)\[(\d+):(\d+)\]$")
 
 
 def _job(rank, world, overrides):
-    from launcher.config import load_job_config
-    from train.loop import run
+    from moeforge.launcher.config import load_job_config
+    from moeforge.train.loop import run
 
     run(load_job_config(COMMON + overrides))
 
@@ -35,10 +35,10 @@ def _probe(rank, world, overrides, path):
     """Load `path` under this layout, check the state bitwise, return (logits of a fixed batch, 2 losses)."""
     import torch.distributed as dist
 
-    from launcher.config import load_job_config
-    from train import checkpoint as ckpt
-    from train.data import TokenSampler
-    from train.loop import Trainer, setup_distributed
+    from moeforge.launcher.config import load_job_config
+    from moeforge.train import checkpoint as ckpt
+    from moeforge.train.data import TokenSampler
+    from moeforge.train.loop import Trainer, setup_distributed
 
     cfg = load_job_config(COMMON + overrides + [f"checkpoint.resume={path}"])
     env, meshes = setup_distributed(cfg)
@@ -92,7 +92,7 @@ def single(saved, stdlib_data, tmp_path_factory):
 
 @pytest.mark.timeout(600)
 def test_saved_layout_and_async_interval_saves(saved):
-    from train import checkpoint as ckpt
+    from moeforge.train import checkpoint as ckpt
 
     steps = [ckpt.step_of(p) for p in ckpt.list_checkpoints(saved / "checkpoints")]
     assert steps == [2, 4, 6]

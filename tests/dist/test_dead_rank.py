@@ -19,9 +19,9 @@ def _victim(rank, world, how):
     """Rank 1 SIGKILLs (or SIGSTOPs) itself before its 3rd gradient reduction; the others go on."""
     import torch
 
-    from parallel.dims import ParallelDims
-    from parallel.grad_sync import reduce_gradients
-    from parallel.mesh import build_meshes
+    from moeforge.parallel.dims import ParallelDims
+    from moeforge.parallel.grad_sync import reduce_gradients
+    from moeforge.parallel.mesh import build_meshes
 
     meshes = build_meshes(ParallelDims(world, ep=2), "cpu", timeout_s=PG_TIMEOUT_S)
     w = torch.nn.Parameter(torch.ones(1000))
@@ -56,14 +56,14 @@ def test_survivors_raise_peer_failure(how):
 def test_launch_reports_the_dead_rank():
     """Under torchrun (our launch()), rank 1 SIGKILLs itself mid-run: the agent stops the other worker
     and exits non-zero naming rank 1 and the signal."""
-    cmd = ["timeout", "-s", "KILL", "100", sys.executable, "-m", "launcher.torchrun", "--nproc-per-node", "2",
-           "--monitor-interval", "0.5", "parallel.selfcheck", "--rounds", "3", "--die-rank", "1",
+    cmd = ["timeout", "-s", "KILL", "100", sys.executable, "-m", "moeforge.launcher.torchrun", "--nproc-per-node", "2",
+           "--monitor-interval", "0.5", "moeforge.parallel.selfcheck", "--rounds", "3", "--die-rank", "1",
            "--die-after", "2", "--timeout", str(PG_TIMEOUT_S)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # torchrun's default: 1 thread a rank
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     out = p.stdout + p.stderr
     assert p.returncode not in (0, -9, 137), out  # failed, and not by the outer timeout
-    assert "ChildFailedError" in out and "parallel.selfcheck FAILED" in out, out
+    assert "ChildFailedError" in out and "moeforge.parallel.selfcheck FAILED" in out, out
     # the agent's summary names rank 1 and its signal (as the root cause, or beside rank 0's PeerFailure
     # when rank 0's error is stamped first: which of the two comes first is a race)
     assert re.search(r"rank\s+: 1 \(local_rank: 1\)\s+exitcode\s+: -9", out), out

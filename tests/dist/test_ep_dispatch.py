@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from _spawn import run_ranks
 from torch import nn
 
-from comm.all_to_all import AllToAllDispatcher
-from comm.counters import ByteCounters
-from fp8.reference import quantize_for_dispatch
-from model.args import ModelArgs, load_preset
-from model.moe import MLP, LocalDispatcher, MoE
-from model.transformer import Transformer, is_expert_param
-from parallel.apply_ep import apply_ep
+from moeforge.comm.all_to_all import AllToAllDispatcher
+from moeforge.comm.counters import ByteCounters
+from moeforge.fp8.reference import quantize_for_dispatch
+from moeforge.model.args import ModelArgs, load_preset
+from moeforge.model.moe import MLP, LocalDispatcher, MoE
+from moeforge.model.transformer import Transformer, is_expert_param
+from moeforge.parallel.apply_ep import apply_ep
 
 WORLD, RPN = 4, 2  # 4 ranks = 2 nodes x 2
 TOL64, TOL32 = 1e-12, 1e-5

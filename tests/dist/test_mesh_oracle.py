@@ -30,9 +30,9 @@ def _oracle(rank, world):
     import torch
     import torch.distributed as dist
 
-    from parallel.dims import ParallelDims
-    from parallel.groups import group_of
-    from parallel.mesh import build_meshes
+    from moeforge.parallel.dims import ParallelDims
+    from moeforge.parallel.groups import group_of
+    from moeforge.parallel.mesh import build_meshes
 
     ps = import_parallel_state()
     out = {}
@@ -76,9 +76,9 @@ def _init_single(rank, world):
 
     import torch.distributed as dist
 
-    from launcher.env import RuntimeEnv
-    from parallel.dims import ParallelDims
-    from parallel.mesh import build_meshes, init_distributed
+    from moeforge.launcher.env import RuntimeEnv
+    from moeforge.parallel.dims import ParallelDims
+    from moeforge.parallel.mesh import build_meshes, init_distributed
 
     with contextlib.redirect_stderr(io.StringIO()) as err:
         backend = init_distributed(RuntimeEnv(), None, timeout_s=9.0)
@@ -92,8 +92,8 @@ def _init_tcp(rank, world):
     import torch
     import torch.distributed as dist
 
-    from launcher.env import RuntimeEnv
-    from parallel.mesh import init_distributed
+    from moeforge.launcher.env import RuntimeEnv
+    from moeforge.parallel.mesh import init_distributed
 
     env = RuntimeEnv(rank=rank, local_rank=rank, world_size=world, local_world_size=world, launcher="slurm",
                      master_addr="127.0.0.1", master_port=int(os.environ["MASTER_PORT"]))

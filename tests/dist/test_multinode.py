@@ -25,10 +25,10 @@ def hosts():
 
 def launch_cmd(host, rdzv_host, is_host: bool, *selfcheck_args: str) -> list[str]:
     return ["timeout", "-s", "KILL", str(HARD_LIMIT_S), *host.argv([
-        sys.executable, "-m", "launcher.torchrun", "--nproc-per-node", "2", "--nnodes", "2",
+        sys.executable, "-m", "moeforge.launcher.torchrun", "--nproc-per-node", "2", "--nnodes", "2",
         "--rdzv-endpoint", f"{rdzv_host.addr}:29400", "--rdzv-id", "mf-multinode", "--local-addr", host.addr,
         "--rdzv-conf", f"is_host={'true' if is_host else 'false'}", "--monitor-interval", "0.5",
-        "parallel.selfcheck", "--pp", "2", "--ep", "2", "--timeout", "60", *selfcheck_args])]
+        "moeforge.parallel.selfcheck", "--pp", "2", "--ep", "2", "--timeout", "60", *selfcheck_args])]
 
 
 def run_both(a, b, *selfcheck_args):
@@ -85,7 +85,7 @@ def test_two_hosts_train_five_steps(hosts, stdlib_data, tmp_path):
     procs = []
     for h, is_host in ((a, True), (b, False)):
         cmd = ["timeout", "-s", "KILL", str(HARD_LIMIT_S), *h.argv([
-            sys.executable, "-m", "launcher.cli", "launch", "--nproc-per-node", "2", "--nnodes", "2",
+            sys.executable, "-m", "moeforge.launcher.cli", "launch", "--nproc-per-node", "2", "--nnodes", "2",
             "--rdzv-endpoint", f"{a.addr}:29401", "--rdzv-id", "mf-train", "--local-addr", h.addr,
             "--rdzv-conf", f"is_host={'true' if is_host else 'false'}", "--monitor-interval", "0.5",
             f"data.dir={stdlib_data}", f"run_dir={tmp_path}", "train.steps=5", "train.seq_len=32",

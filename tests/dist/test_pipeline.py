@@ -42,7 +42,7 @@ BASELINES = [("1f1b", 2), ("1f1b", 4), ("dualpipev", 2), ("dualpipev", 4)]  # to
 
 
 def _args():
-    from model.args import load_preset
+    from moeforge.model.args import load_preset
 
     return load_preset("tiny", n_layers=N_LAYERS)
 
@@ -58,8 +58,8 @@ def _reference(args, rows, n, dtype):
     """Whole model, single process: the loop's accumulation. -> (losses, grads by name, loads by layer)."""
     import torch
 
-    from model.transformer import Transformer
-    from train.loop import lm_losses
+    from moeforge.model.transformer import Transformer
+    from moeforge.train.loop import lm_losses
 
     model = Transformer(args)
     model.init_weights(5)
@@ -89,10 +89,10 @@ def _case(rank, groups, cache, name, pp, ep, overlap, split_middle_pair, dtype):
     fb_weight_split, overlap = overlap == "split_w", bool(overlap)
     import torch
 
-    from dualpipe.runtime import PipelineRuntime
-    from dualpipe.schedule import num_stages, stage_placement
-    from model.split import build_stages
-    from model.transformer import Transformer
+    from moeforge.dualpipe.runtime import PipelineRuntime
+    from moeforge.dualpipe.schedule import num_stages, stage_placement
+    from moeforge.model.split import build_stages
+    from moeforge.model.transformer import Transformer
 
     args = _args()
     dp = WORLD // pp
@@ -101,7 +101,7 @@ def _case(rank, groups, cache, name, pp, ep, overlap, split_middle_pair, dtype):
     with torch.device("meta"):
         model = Transformer(args)
     if ep > 1:
-        from parallel.apply_ep import apply_ep
+        from moeforge.parallel.apply_ep import apply_ep
 
         apply_ep(model, groups["ep"][rank // ep], rank % ep, ep)
     stages = build_stages(model, stage_placement(name, pp)[pp_rank], num_stages(name, pp))
@@ -151,7 +151,7 @@ def _case(rank, groups, cache, name, pp, ep, overlap, split_middle_pair, dtype):
     # the global grad norm the trainer clips with: each tied part counted once (owned_named_parameters)
     norm_err = 0.0
     if ep == 1:
-        from parallel.grad_sync import grad_norm
+        from moeforge.parallel.grad_sync import grad_norm
 
         norm = grad_norm(rt.owned_named_parameters(), {"pp": groups[f"pp{pp}"][dp_rank]}).double()
         ref_norm = torch.stack([g.double().norm() for g in ref_grads.values()]).square().sum().sqrt()
@@ -186,10 +186,10 @@ def _torch_baseline(rank, groups, cache, name, pp):
     """The same model and micro-batches through torch's Schedule1F1B / ScheduleDualPipeV, and ours."""
     import torch
 
-    from dualpipe.runtime import PipelineRuntime
-    from dualpipe.schedule import num_stages, stage_placement
-    from model.split import build_stages
-    from model.transformer import Transformer
+    from moeforge.dualpipe.runtime import PipelineRuntime
+    from moeforge.dualpipe.schedule import num_stages, stage_placement
+    from moeforge.model.split import build_stages
+    from moeforge.model.transformer import Transformer
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV
 
     args = _args()
@@ -334,9 +334,9 @@ def _silent_peer(rank, world, timeout_s):
 
     import torch
 
-    from dualpipe.runtime import PipelineRuntime
-    from model.split import build_stage
-    from model.transformer import Transformer
+    from moeforge.dualpipe.runtime import PipelineRuntime
+    from moeforge.model.split import build_stage
+    from moeforge.model.transformer import Transformer
 
     with torch.device("meta"):
         model = Transformer(_args())
@@ -378,11 +378,11 @@ def _deepspeed_dualpipev(rank, world, pp):
     import torch.nn.functional as F
     from deepspeed.pipe import DualPipeVModule, LayerSpec, TiedLayerSpec
 
-    from dualpipe.runtime import PipelineRuntime
-    from dualpipe.schedule import stage_placement
-    from model.split import build_stages
-    from model.transformer import Transformer
-    from train.data import split_window
+    from moeforge.dualpipe.runtime import PipelineRuntime
+    from moeforge.dualpipe.schedule import stage_placement
+    from moeforge.model.split import build_stages
+    from moeforge.model.transformer import Transformer
+    from moeforge.train.data import split_window
 
     args = _args()
     dp, n = WORLD // pp, 2 * pp

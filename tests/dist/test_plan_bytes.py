@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from _spawn import run_ranks
 
-from comm.counters import ByteCounters
-from comm.layout import EPTopology
-from launcher.plan import ep_bytes_for_routing
-from model.args import load_preset
-from model.moe import MoE
-from model.transformer import Transformer
-from parallel.apply_ep import apply_ep
+from moeforge.comm.counters import ByteCounters
+from moeforge.comm.layout import EPTopology
+from moeforge.launcher.plan import ep_bytes_for_routing
+from moeforge.model.args import load_preset
+from moeforge.model.moe import MoE
+from moeforge.model.transformer import Transformer
+from moeforge.parallel.apply_ep import apply_ep
 
 WORLD, RPN, BATCH, SEQ = 4, 2, 8, 32
 MODES = [(False, False), (True, False), (False, True), (True, True)]  # (two_hop, fp8)

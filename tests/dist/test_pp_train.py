@@ -13,9 +13,9 @@ import sys
 
 import pytest
 
-from launcher.config import load_job_config
-from train.loop import Trainer, run
-from train.metrics import read_metrics
+from moeforge.launcher.config import load_job_config
+from moeforge.train.loop import Trainer, run
+from moeforge.train.metrics import read_metrics
 
 STEPS = 8
 COMMON = [f"train.steps={STEPS}", "train.seq_len=32", "train.global_batch_size=16", "train.micro_batch_size=2",
@@ -31,7 +31,7 @@ def single(tmp_path_factory, stdlib_data):
 
 
 def launch4(run_dir, data, *extra):
-    cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc-per-node", "4",
+    cmd = [sys.executable, "-m", "moeforge.launcher.cli", "launch", "--nproc-per-node", "4",
            f"data.dir={data}", f"run_dir={run_dir}", "parallel.timeout_s=60", *COMMON, *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-4000:]
@@ -94,7 +94,7 @@ def test_zb1p_pp2_with_dp_matches_single_process(single, tmp_path, stdlib_data):
 
 def test_bad_schedule_fails_before_any_process_starts(tmp_path, stdlib_data):
     # dualpipev with pp=2 needs >= 4 micro-batches per rank; 16 / dp 2 / 8 gives 1
-    cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc-per-node", "4", "parallel.pp=2",
+    cmd = [sys.executable, "-m", "moeforge.launcher.cli", "launch", "--nproc-per-node", "4", "parallel.pp=2",
            "schedule=dualpipev", "train.micro_batch_size=8", f"data.dir={stdlib_data}", f"run_dir={tmp_path}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stderr[-2000:]
@@ -106,7 +106,7 @@ def test_bad_schedule_fails_before_any_process_starts(tmp_path, stdlib_data):
 def test_readme_layout_experiment_cpu4_trains(tmp_path, stdlib_data):
     """The README's first command (experiment=cpu4: DualPipeV pp 2 x dp 2, ep 2, FP8 GEMMs and FP8 dispatch),
     shortened to a few steps: it composes, every part is on, the loss falls and nothing is dropped."""
-    cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc-per-node", "4", "experiment=cpu4",
+    cmd = [sys.executable, "-m", "moeforge.launcher.cli", "launch", "--nproc-per-node", "4", "experiment=cpu4",
            f"data.dir={stdlib_data}", f"run_dir={tmp_path}", "parallel.timeout_s=60", "train.steps=6",
            "train.seq_len=32", "train.eval_interval=6", "train.eval_batches=1", "train.sample_tokens=2",
            "logging.progress=false", "train.warmup_steps=2"]

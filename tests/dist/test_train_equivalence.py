@@ -13,9 +13,9 @@ import sys
 
 import pytest
 
-from launcher.config import load_job_config
-from train.loop import run
-from train.metrics import read_metrics
+from moeforge.launcher.config import load_job_config
+from moeforge.train.loop import run
+from moeforge.train.metrics import read_metrics
 
 COMMON = ["train.steps=20", "train.seq_len=32", "train.global_batch_size=16", "train.micro_batch_size=4",
           "train.eval_interval=10", "train.sample_tokens=0", "logging.progress=false"]
@@ -35,7 +35,7 @@ def single(tmp_path_factory, stdlib_data):
 
 
 def launch4(run_dir, data, *extra):
-    cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc-per-node", "4",
+    cmd = [sys.executable, "-m", "moeforge.launcher.cli", "launch", "--nproc-per-node", "4",
            f"data.dir={data}", f"run_dir={run_dir}", "parallel.timeout_s=60", *COMMON, *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=ENV)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
@@ -64,7 +64,7 @@ def test_data_parallel_4_ranks_matches_single_process(single, tmp_path, stdlib_d
 
 
 def test_bad_layout_fails_before_any_process_starts(tmp_path, stdlib_data):
-    cmd = [sys.executable, "-m", "launcher.cli", "launch", "--nproc-per-node", "4", "parallel.ep=3",
+    cmd = [sys.executable, "-m", "moeforge.launcher.cli", "launch", "--nproc-per-node", "4", "parallel.ep=3",
            f"data.dir={stdlib_data}", f"run_dir={tmp_path}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "parallel.ep=3" in out.stderr and "torch.distributed.run" not in out.stderr

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 from _spawn import run_ranks
 
-from parallel.grad_sync import all_reduce_sum_, clip_grad_norm_, is_routed_expert, reduce_gradients
-from parallel.zero import ShardedAdamW
+from moeforge.parallel.grad_sync import all_reduce_sum_, clip_grad_norm_, is_routed_expert, reduce_gradients
+from moeforge.parallel.zero import ShardedAdamW
 
 N_EXPERTS = 4
 
@@ -166,8 +166,8 @@ def test_params_become_views_of_the_flat_buffer():
 def _zero_vs_unsharded(rank, world, moment_dtype_name):
     import torch.distributed as dist
 
-    from parallel.dims import ParallelDims
-    from parallel.mesh import build_meshes
+    from moeforge.parallel.dims import ParallelDims
+    from moeforge.parallel.mesh import build_meshes
 
     moment_dtype = getattr(torch, moment_dtype_name)
     out = {}
@@ -256,8 +256,8 @@ def test_zero1_bitwise_equals_unsharded_and_holds_1_over_dp_of_the_state(moment_
 def _grad_sync_and_clip(rank, world):
     import torch.distributed as dist
 
-    from parallel.dims import ParallelDims
-    from parallel.mesh import build_meshes
+    from moeforge.parallel.dims import ParallelDims
+    from moeforge.parallel.mesh import build_meshes
 
     out = {}
     for pp, ep in ((1, 1), (1, 2), (2, 2), (1, 4)):

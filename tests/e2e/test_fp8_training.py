@@ -27,11 +27,11 @@ import logging
 import pytest
 import torch
 
-from fp8.linear import Fp8Linear
-from launcher.config import load_job_config
-from train.checkpoint import saved_tensors
-from train.loop import build_model, run
-from train.metrics import read_metrics
+from moeforge.fp8.linear import Fp8Linear
+from moeforge.launcher.config import load_job_config
+from moeforge.train.checkpoint import saved_tensors
+from moeforge.train.loop import build_model, run
+from moeforge.train.metrics import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # FP8 emulation: many small GEMMs
 

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from launcher.config import load_job_config
-from train import checkpoint as ckpt
-from train.loop import Trainer, run
-from train.metrics import read_metrics
+from moeforge.launcher.config import load_job_config
+from moeforge.train import checkpoint as ckpt
+from moeforge.train.loop import Trainer, run
+from moeforge.train.metrics import read_metrics
 
-HAVE_FLOPS = importlib.util.find_spec("model.flops") is not None
+HAVE_FLOPS = importlib.util.find_spec("moeforge.model.flops") is not None
 pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model in this process: one intra-op thread
 
 
@@ -38,7 +38,7 @@ def test_metrics_file_heatmaps_summary_and_report(tmp_path, stdlib_data, capsys)
         assert len(r["moe_load_max_over_mean"]) == n_moe and r["expert_load_max_over_mean"] >= 1.0
         assert r["moe_bias_abs_max"] > 0 and r["moe_tokens_dropped"] == 0
         if HAVE_FLOPS:
-            from model.flops import train_flops_per_token
+            from moeforge.model.flops import train_flops_per_token
 
             per_step = train_flops_per_token(cfg.model, 32, include_mtp=True) * 8 * 32
             assert r["tflops_per_gpu"] == pytest.approx(per_step / r["step_time_s"] / 1e12, rel=1e-9)
@@ -60,7 +60,7 @@ def test_metrics_file_heatmaps_summary_and_report(tmp_path, stdlib_data, capsys)
     assert summary["skipped_steps"] == 0 and summary["tokens_per_s"] > 0 and summary["moe_tokens_dropped"] == 0
     # `moeforge report RUN_DIR` renders the pictures from the JSONL alone
     (tmp_path / "expert_load.png").unlink()
-    from launcher.cli import main
+    from moeforge.launcher.cli import main
 
     assert main(["report", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
@@ -105,7 +105,7 @@ def test_nan_step_is_logged_and_its_checkpoint_is_the_previous_finite_state(tmp_
 
 def test_a_non_finite_state_is_never_checkpointed(tmp_path, stdlib_data, monkeypatch):
     """With the skip rule switched off the planted NaN reaches the weights; the save must refuse."""
-    from train.health import SpikeGuard
+    from moeforge.train.health import SpikeGuard
 
     monkeypatch.setattr(SpikeGuard, "check", lambda self, loss, grad_norm: None)
     with pytest.raises(RuntimeError, match="refusing to checkpoint step 2: non-finite"):

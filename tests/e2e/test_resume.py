@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import checkpoint as ckpt
-from train.metrics import read_metrics
-from train.preempt import EXIT_PREEMPTED, PreemptionWatcher, parse_signals
+from moeforge.train import checkpoint as ckpt
+from moeforge.train.metrics import read_metrics
+from moeforge.train.preempt import EXIT_PREEMPTED, PreemptionWatcher, parse_signals
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 10
@@ -185,7 +185,7 @@ class Job:
     def __init__(self, args: list[str], run_dir: Path, limit_s: int):
         self.run_dir = run_dir
         self.log = open(run_dir.parent / f"{run_dir.name}.log", "a")
-        self.proc = subprocess.Popen(["timeout", "-s", "KILL", str(limit_s), sys.executable, "-m", "launcher.cli", *args],
+        self.proc = subprocess.Popen(["timeout", "-s", "KILL", str(limit_s), sys.executable, "-m", "moeforge.launcher.cli", *args],
                                      cwd=REPO, env=ENV, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.seen: set[int] = set()

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from launcher.config import load_job_config
-from train.loop import run
-from train.metrics import read_metrics
+from moeforge.launcher.config import load_job_config
+from moeforge.train.loop import run
+from moeforge.train.metrics import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model in this process: one intra-op thread
 
@@ -43,7 +43,7 @@ def test_validation_loss_falls_well_below_unigram_entropy(tmp_path, stdlib_data)
 def test_cli_train_writes_the_run_dir(tmp_path, stdlib_data, capsys):
     run_dir = tmp_path / "run"
     out = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "train", f"data.dir={stdlib_data}", f"run_dir={run_dir}",
+        [sys.executable, "-m", "moeforge.launcher.cli", "train", f"data.dir={stdlib_data}", f"run_dir={run_dir}",
          "train.steps=3", "train.eval_interval=3", "train.eval_batches=1", "train.seq_len=32",
          "train.sample_tokens=8", "checkpoint.interval=2"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -59,7 +59,7 @@ def test_cli_train_writes_the_run_dir(tmp_path, stdlib_data, capsys):
     assert [p.name for p in ckpts] == ["step_00000002", "step_00000003"]
     assert json.loads((ckpts[-1] / "manifest.json").read_text())["step"] == 3
     assert "greedy sample" in out.stdout and str(run_dir / "loss.png") in out.stdout
-    from launcher.cli import main  # `moeforge report`, in this process: `python -m launcher.cli` ran above
+    from moeforge.launcher.cli import main  # `moeforge report`, in this process: `python -m launcher.cli` ran above
 
     assert main(["report", str(run_dir)]) == 0 and "throughput.png" in capsys.readouterr().out
 
@@ -67,7 +67,7 @@ def test_cli_train_writes_the_run_dir(tmp_path, stdlib_data, capsys):
 def test_checkpoint_is_whole_only_with_manifest(tmp_path):
     import torch
 
-    from train import checkpoint as ckpt
+    from moeforge.train import checkpoint as ckpt
 
     p1 = ckpt.save(tmp_path, 1, {"w": torch.ones(3)}, {}, keep=3)
     p2 = ckpt.save(tmp_path, 2, {"w": torch.zeros(3)}, {}, keep=3)

@@ -12,8 +12,8 @@ import copy
 import pytest
 import torch
 
-from fp8 import Fp8Config, Fp8Linear, apply_fp8, get_ops, unavailable_reason
-from fp8 import reference as R
+from moeforge.fp8 import Fp8Config, Fp8Linear, apply_fp8, get_ops, unavailable_reason
+from moeforge.fp8 import reference as R
 
 pytestmark = [
     pytest.mark.gpu,
@@ -47,7 +47,7 @@ def _randn(*shape, dtype=torch.float32, seed=0):
 )
 def test_triton_quantize_bitwise(shape, block, pow2, dtype):
     ops = _need("triton")
-    from fp8 import kernels
+    from moeforge.fp8 import kernels
 
     x = _randn(*shape, dtype=dtype)
     x.view(-1)[:3] = 0
@@ -63,7 +63,7 @@ def test_triton_quantize_bitwise(shape, block, pow2, dtype):
 
 def test_triton_quantize_nan_inf():
     _need("triton")
-    from fp8 import kernels
+    from moeforge.fp8 import kernels
 
     x = _randn(4, 384)
     x[1, 5], x[2, 300] = float("nan"), float("inf")

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fp8 import Fp8Config, apply_fp8, unavailable_reason
-from fp8 import reference as R
+from moeforge.fp8 import Fp8Config, apply_fp8, unavailable_reason
+from moeforge.fp8 import reference as R
 
 pytestmark = [
     pytest.mark.gpu,
@@ -51,7 +51,7 @@ def _counts(G, mean, seed=0):
 
 @pytest.mark.parametrize("G,mean,N,K", [(5, 100, 136, 200), (8, 1024, 2048, 7168), (32, 512, 1024, 512)])
 def test_grouped_gemms_vs_reference(G, mean, N, K):
-    from fp8.grouped import (GroupedLayout, gemm_grouped_ref, gemm_grouped_triton, gemm_wgrad_grouped_ref,
+    from moeforge.fp8.grouped import (GroupedLayout, gemm_grouped_ref, gemm_grouped_triton, gemm_wgrad_grouped_ref,
                              gemm_wgrad_grouped_triton)
 
     L = GroupedLayout.build(_counts(G, mean), DEV)
@@ -74,8 +74,8 @@ def test_grouped_gemms_vs_reference(G, mean, N, K):
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("pow2", [False, True])
 def test_permute_quant_bitwise(transposed, pow2):
-    from fp8 import fused
-    from fp8.grouped import GroupedLayout
+    from moeforge.fp8 import fused
+    from moeforge.fp8.grouped import GroupedLayout
 
     L = GroupedLayout.build(_counts(16, 300), DEV)
     x = _randn(L.m, 7168, dtype=torch.bfloat16, scale=3)
@@ -92,7 +92,7 @@ def _codes_off(q, qr):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swiglu_and_rmsnorm_quant(dtype):
-    from fp8 import fused
+    from moeforge.fp8 import fused
 
     h1, h3 = _randn(4096, 2048, dtype=dtype, seed=1, scale=3), _randn(4096, 2048, dtype=dtype, seed=2)
     q, s = fused.swiglu_quant(h1, h3)
@@ -115,8 +115,8 @@ class _Layer(nn.Module):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_experts_triton_vs_emulate_and_loop(dtype):
     """32 SwiGLU experts of the `small` model's size: grouped Triton vs grouped emulate vs Fp8Linear loop."""
-    from fp8.grouped import apply_grouped_experts
-    from model.moe import MLP, run_experts
+    from moeforge.fp8.grouped import apply_grouped_experts
+    from moeforge.model.moe import MLP, run_experts
 
     D, I, G = 1024, 512, 32
     torch.manual_seed(0)

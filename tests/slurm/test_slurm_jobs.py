@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.slurm import SlurmJob, submit
+from moeforge.launcher.slurm import SlurmJob, submit
 from slurm_cluster import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -158,7 +158,7 @@ def test_hostile_values_run_nothing_and_arrive_verbatim(reference, slurm, marks,
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_status_reads_the_run_dirs_job(reference, slurm, monkeypatch, capsys):
-    from launcher.cli import main
+    from moeforge.launcher.cli import main
 
     monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
     assert main(["slurm", "status", str(reference.run_dir)]) == 0

@@ -7,11 +7,11 @@ owns one of its experts) pair arrives exactly once, and hop 1 / hop 2 use only t
 import pytest
 import torch
 
-from comm.all_to_all import RowFormat
-from comm.layout import (EPTopology, dest_rank_mask, group_by_expert, node_limit, node_limited_groups,
+from moeforge.comm.all_to_all import RowFormat
+from moeforge.comm.layout import (EPTopology, dest_rank_mask, group_by_expert, node_limit, node_limited_groups,
                          nodes_per_token, plan_sends, two_hop_first_mask, two_hop_second_mask)
-from model.args import ModelArgs
-from model.moe import Gate
+from moeforge.model.args import ModelArgs
+from moeforge.model.moe import Gate
 
 TOPO = EPTopology.from_ranks([0, 1, 2, 3], n_experts=8, ranks_per_node=2)  # 2 nodes x 2, 2 experts per rank
 

@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from comm.all_to_all import CommStream
+from moeforge.comm.all_to_all import CommStream
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,7 +1,7 @@
 """Hydra composition -> frozen JobConfig; bad input fails fast and names the field."""
 import pytest
 
-from launcher.config import ConfigError, load_job_config
+from moeforge.launcher.config import ConfigError, load_job_config
 
 
 def test_defaults_compose_into_typed_config():
@@ -37,7 +37,7 @@ def test_bad_config_names_the_field(override, needle):
 
 
 def test_cli_reports_config_error_without_traceback(capsys):
-    from launcher.cli import main
+    from moeforge.launcher.cli import main
 
     assert main(["train", "train.stepz=5"]) == 2
     assert "stepz" in capsys.readouterr().err

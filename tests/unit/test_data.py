@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.data import EOT, TokenSampler, decode, encode, prepare, split_window
+from moeforge.train.data import EOT, TokenSampler, decode, encode, prepare, split_window
 
 
 @pytest.fixture()

@@ -1,7 +1,7 @@
 import pytest
 
-from parallel.config import ParallelConfig
-from parallel.dims import ParallelDims
+from moeforge.parallel.config import ParallelConfig
+from moeforge.parallel.dims import ParallelDims
 
 
 def test_derived_degrees():

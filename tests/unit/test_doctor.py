@@ -4,7 +4,7 @@ import types
 import pynvml
 import pytest
 
-from launcher.doctor import NO_GPU, doctor, gpu_report
+from moeforge.launcher.doctor import NO_GPU, doctor, gpu_report
 
 
 def fake_nvml(n_gpus=2, free_gib=70, ecc=0, pages=0, pending=0, remap=(0, 0, 0, 0), xids=(),

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model.args import load_preset
-from model.flops import (attention_flops_per_token, count_params, matmul_params, parts,
+from moeforge.model.args import load_preset
+from moeforge.model.flops import (attention_flops_per_token, count_params, matmul_params, parts,
                          train_flops_per_token)
-from model.transformer import Transformer, is_expert_param, param_counts
+from moeforge.model.transformer import Transformer, is_expert_param, param_counts
 
 
 def _meta(name):

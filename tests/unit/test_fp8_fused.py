@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fp8 import fused
-from fp8 import reference as R
+from moeforge.fp8 import fused
+from moeforge.fp8 import reference as R
 
 
 def test_twins():

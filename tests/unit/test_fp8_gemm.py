@@ -14,9 +14,9 @@ accumulation itself (same quantized operands, float64 vs FP32 sums) is ~1e-7; we
 import pytest
 import torch
 
-from fp8 import Fp8Config, check_backend, get_ops, unavailable_reason
-from fp8 import reference as R
-from fp8.gemm import cublas_gemm
+from moeforge.fp8 import Fp8Config, check_backend, get_ops, unavailable_reason
+from moeforge.fp8 import reference as R
+from moeforge.fp8.gemm import cublas_gemm
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

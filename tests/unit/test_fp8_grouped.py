@@ -22,12 +22,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fp8 import Fp8Config, WeightGradStore, apply_fp8
-from fp8.linear import Fp8Linear, default_exclude
-from fp8 import reference as R
-from fp8.grouped import (GroupedExperts, GroupedLayout, apply_grouped_experts, gemm_grouped_ref,
+from moeforge.fp8 import Fp8Config, WeightGradStore, apply_fp8
+from moeforge.fp8.linear import Fp8Linear, default_exclude
+from moeforge.fp8 import reference as R
+from moeforge.fp8.grouped import (GroupedExperts, GroupedLayout, apply_grouped_experts, gemm_grouped_ref,
                          gemm_wgrad_grouped_ref)
-from model.moe import MLP, run_experts
+from moeforge.model.moe import MLP, run_experts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -171,7 +171,7 @@ def test_deferred_wgrad():
 
 def test_store_from_fp8_linear():
     """set_wgrad_store on the Fp8Linear (what a pipeline runtime calls) also defers the grouped Wgrad."""
-    from fp8 import set_wgrad_store
+    from moeforge.fp8 import set_wgrad_store
 
     e = apply_fp8(_experts(128, 64, 2), CFG)
     apply_grouped_experts(_Layer(e), CFG)
@@ -185,9 +185,9 @@ def test_store_from_fp8_linear():
 
 
 def test_apply_keeps_state_dict_and_toggles():
-    from model.args import load_preset
-    from model.moe import MoE
-    from model.transformer import Transformer
+    from moeforge.model.args import load_preset
+    from moeforge.model.moe import MoE
+    from moeforge.model.transformer import Transformer
 
     with torch.device("meta"):
         m = Transformer(load_preset("tiny"))
@@ -204,8 +204,8 @@ def test_apply_keeps_state_dict_and_toggles():
 
 def test_excluded_experts_stay_high_precision():
     """apply_fp8's exclude reaches the grouped path: excluded experts are neither swapped nor grouped."""
-    from model.args import load_preset
-    from model.transformer import Transformer
+    from moeforge.model.args import load_preset
+    from moeforge.model.transformer import Transformer
 
     with torch.device("meta"):
         m = Transformer(load_preset("tiny"))
@@ -218,9 +218,9 @@ def test_excluded_experts_stay_high_precision():
 
 def test_tiny_model_loss_and_grads_bitwise():
     """The whole tiny model, FP8 emulate: grouped experts give the loop's loss and every grad, bit for bit."""
-    from model.args import load_preset
-    from model.transformer import Transformer
-    from train.loop import lm_losses
+    from moeforge.model.args import load_preset
+    from moeforge.model.transformer import Transformer
+    from moeforge.train.loop import lm_losses
 
     args = load_preset("tiny")
     torch.manual_seed(0)
@@ -246,7 +246,7 @@ def test_tiny_model_loss_and_grads_bitwise():
 
 def test_all_to_all_local_experts_use_the_hook():
     """comm.all_to_all.AllToAllDispatcher.compute (its local expert step, no process group needed here)."""
-    from comm.all_to_all import AllToAllDispatcher, EPContext, Plan
+    from moeforge.comm.all_to_all import AllToAllDispatcher, EPContext, Plan
 
     disp = AllToAllDispatcher.__new__(AllToAllDispatcher)
     disp.expert_range = (4, 8)
@@ -271,7 +271,7 @@ def test_all_to_all_local_experts_use_the_hook():
 def _worker() -> dict:
     import dataclasses
 
-    from fp8 import grouped as Gm
+    from moeforge.fp8 import grouped as Gm
 
     out = {}
     g = torch.Generator().manual_seed(0)

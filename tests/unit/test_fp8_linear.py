@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fp8 import Fp8Config, Fp8Linear, WeightGradStore, apply_fp8, default_exclude, set_wgrad_store
+from moeforge.fp8 import Fp8Config, Fp8Linear, WeightGradStore, apply_fp8, default_exclude, set_wgrad_store
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -249,9 +249,9 @@ def test_tiny_transformer_grads_vs_float64_parameter_by_parameter(monkeypatch):
     attention, deepest in the backward), cosine >= 0.991, loss within 5e-5."""
     from dataclasses import replace
 
-    from model import moe
-    from model.args import load_preset
-    from model.transformer import Transformer
+    from moeforge.model import moe
+    from moeforge.model.args import load_preset
+    from moeforge.model.transformer import Transformer
 
     recorded, replay = [], []
     gate_forward = moe.Gate.forward

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from fp8 import reference as R
+from moeforge.fp8 import reference as R
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -27,8 +27,8 @@ GEMM_TOL = 1e-6
 def _worker() -> dict:
     import torch
 
-    from fp8 import kernels as Kn
-    from fp8 import reference as R
+    from moeforge.fp8 import kernels as Kn
+    from moeforge.fp8 import reference as R
 
     out: dict = {}
     g = torch.Generator().manual_seed(0)

@@ -2,8 +2,8 @@ import itertools
 
 import pytest
 
-from parallel.dims import ParallelDims
-from parallel.groups import coords, group_of, node_ranks, rank_groups, rank_of
+from moeforge.parallel.dims import ParallelDims
+from moeforge.parallel.groups import coords, group_of, node_ranks, rank_groups, rank_of
 
 
 def test_documented_example_world8_pp2_ep2():

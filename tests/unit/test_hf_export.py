@@ -6,11 +6,11 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from launcher.ckpt import add_ckpt_parser
-from model.args import ModelArgs
-from model.transformer import Transformer
-from train import checkpoint as ckpt
-from train.hf_export import (args_from_hf_config, export_hf, from_hf_name, import_hf, load_safetensors,
+from moeforge.launcher.ckpt import add_ckpt_parser
+from moeforge.model.args import ModelArgs
+from moeforge.model.transformer import Transformer
+from moeforge.train import checkpoint as ckpt
+from moeforge.train.hf_export import (args_from_hf_config, export_hf, from_hf_name, import_hf, load_safetensors,
                              save_safetensors, to_hf_names)
 
 ARGS = ModelArgs(name="tiny-test", dim=64, inter_dim=96, n_layers=3, n_dense_layers=1, n_heads=2, q_lora_rank=32,

@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from model.args import ModelArgs, load_preset
-from train.health import SpikeGuard, moe_layer_labels, moe_load_stats, require_finite_state
-from train.metrics import StepTimer, _scalars, device_peak_tflops, read_metrics
-from train.report import plot_expert_load, plot_run
+from moeforge.model.args import ModelArgs, load_preset
+from moeforge.train.health import SpikeGuard, moe_layer_labels, moe_load_stats, require_finite_state
+from moeforge.train.metrics import StepTimer, _scalars, device_peak_tflops, read_metrics
+from moeforge.train.report import plot_expert_load, plot_run
 
 
 def test_671b_flops_match_the_report_37b_activated():
@@ -15,7 +15,7 @@ def test_671b_flops_match_the_report_37b_activated():
     plus causal attention. The 37B is rounded, so N may be anything that rounds to it, [36.5B, 37.5B)
     (our count is 36.6B without the input embedding, a lookup). Attention (QK^T and AV; query t sees t
     keys, T/2 on average) costs 2·H·(d_qk + d_v)·T/2 forward FLOPs per token and layer, x3 with backward."""
-    flops = pytest.importorskip("model.flops")
+    flops = pytest.importorskip("moeforge.model.flops")
     a = load_preset("671b")
     T = 4096
     f = flops.train_flops_per_token(a, T, include_mtp=False)
@@ -79,7 +79,7 @@ def test_moe_load_stats():
 
 def test_moe_layer_labels_follow_moe_layers_order():
     with torch.device("meta"):
-        from model.transformer import Transformer
+        from moeforge.model.transformer import Transformer
 
         model = Transformer(ModelArgs(n_layers=3, n_dense_layers=1, n_mtp_modules=1))
     assert moe_layer_labels(model) == ["1", "2", "mtp0"] and len(model.moe_layers()) == 3
@@ -103,7 +103,7 @@ def test_scalars_for_wandb_and_tensorboard():
 
 
 def test_finite_state_check_refuses_nan_weights_and_moments():
-    from parallel.zero import ShardedAdamW
+    from moeforge.parallel.zero import ShardedAdamW
 
     model = torch.nn.Linear(4, 4)
     opt = ShardedAdamW(list(model.named_parameters()))
@@ -134,8 +134,8 @@ def test_report_pngs_from_a_metrics_file(tmp_path):
 
 
 def test_tensorboard_sink_or_a_clear_error(tmp_path):
-    from train.config import LoggingConfig
-    from train.metrics import MetricsLogger
+    from moeforge.train.config import LoggingConfig
+    from moeforge.train.metrics import MetricsLogger
 
     cfg = LoggingConfig(tensorboard=True)
     try:

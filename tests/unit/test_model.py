@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.args import ModelArgs, load_preset, preset_names
-from model.mla import MLA, apply_rope, yarn_freqs
-from model.moe import MoE, Gate, LocalDispatcher, sequence_balance_loss, update_balance_bias_
-from model.transformer import Transformer, param_counts
+from moeforge.model.args import ModelArgs, load_preset, preset_names
+from moeforge.model.mla import MLA, apply_rope, yarn_freqs
+from moeforge.model.moe import MoE, Gate, LocalDispatcher, sequence_balance_loss, update_balance_bias_
+from moeforge.model.transformer import Transformer, param_counts
 
 
 def tiny(**kw) -> ModelArgs:
@@ -206,7 +206,7 @@ def test_aux_loss_reaches_router_only_through_autoscaler():
 
 
 def test_mtp_logits_shapes_and_loss_weight():
-    from train.loop import lm_losses
+    from moeforge.train.loop import lm_losses
 
     args = tiny(n_mtp_modules=2)
     model = Transformer(args)

@@ -11,11 +11,11 @@ import dataclasses
 import pytest
 import torch
 
-from comm.layout import EPTopology, dest_rank_mask, node_limit, plan_sends, two_hop_first_mask, two_hop_second_mask
-from dualpipe.schedule import build_schedule
-from dualpipe.simulate import Costs, bubble_formula, simulate
-from launcher import plan as P
-from model.args import load_preset
+from moeforge.comm.layout import EPTopology, dest_rank_mask, node_limit, plan_sends, two_hop_first_mask, two_hop_second_mask
+from moeforge.dualpipe.schedule import build_schedule
+from moeforge.dualpipe.simulate import Costs, bubble_formula, simulate
+from moeforge.launcher import plan as P
+from moeforge.model.args import load_preset
 
 REPORT = ["model=671b", "parallel.pp=16", "parallel.ep=64", "cluster.nodes=256", "cluster.gpu=h800",
           "train.seq_len=4096", "train.global_batch_size=15360", "train.micro_batch_size=1", "fp8=blockwise",
@@ -185,7 +185,7 @@ def test_gate_indices_equal_model_gate():
     """The plan routes its Monte Carlo tokens in numpy (no torch): the same experts as model.moe.Gate, bias 0."""
     import numpy as np
 
-    from model.moe import Gate
+    from moeforge.model.moe import Gate
 
     for a in (load_preset("671b"), load_preset("16b"), dataclasses.replace(load_preset("tiny"), score_func="softmax")):
         E = a.n_routed_experts
@@ -202,7 +202,7 @@ def test_gate_indices_equal_model_gate():
     ["model=16b", "fp8=blockwise", "train.moment_dtype=bfloat16", "parallel.two_hop=true", "train.lr=1e-3"],
     ["logging=wandb", "logging.peak_tflops=null", "checkpoint.dir=/tmp/ck", "model.rope_theta=1e4"]])
 def test_plan_composes_the_config_as_hydra_does(overrides):
-    from launcher.config import load_job_config
+    from moeforge.launcher.config import load_job_config
 
     assert P.compose_without_hydra(overrides) == load_job_config(overrides)
 

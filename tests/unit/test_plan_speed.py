@@ -6,10 +6,10 @@ from importlib import resources
 import pytest
 import yaml
 
-import dualpipe.simulate
-from dualpipe.schedule import SCHEDULES, build_schedule, num_stages
-from dualpipe.simulate import simulate
-from launcher import plan as P
+from moeforge import dualpipe
+from moeforge.dualpipe.schedule import SCHEDULES, build_schedule, num_stages
+from moeforge.dualpipe.simulate import simulate
+from moeforge.launcher import plan as P
 
 LAYOUT = ["model=671b", "parallel.pp=16", "parallel.ep=64", "cluster.nodes=256", "cluster.gpu=h800"]
 RECIPE = ["fp8=blockwise", "train.moment_dtype=bfloat16", "parallel.two_hop=true", "parallel.fp8_dispatch=true"]

@@ -3,11 +3,11 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from dualpipe.schedule import (
+from moeforge.dualpipe.schedule import (
     SCHEDULES, Action, build_schedule, dualpipe, dualpipev, format_schedule, is_reverse, num_stages,
     one_f_one_b, stage_placement, stage_to_rank, validate, zb1p,
 )
-from dualpipe.simulate import WAIT_MODES, simulate
+from moeforge.dualpipe.simulate import WAIT_MODES, simulate
 
 CASES = {
     "1f1b": [(1, 1), (1, 3), (2, 1), (2, 4), (3, 7), (4, 3), (4, 8), (8, 8), (8, 20)],

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from dualpipe.schedule import Action, build_schedule, num_stages
-from dualpipe.simulate import (
+from moeforge.dualpipe.schedule import Action, build_schedule, num_stages
+from moeforge.dualpipe.simulate import (
     WAIT_MODES, Costs, ScheduleDeadlock, ScheduleError, bubble_formula, simulate, step_time, to_chrome_trace,
 )
 

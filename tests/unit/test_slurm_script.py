@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from torch.distributed.run import get_args_parser
 
-from launcher.slurm import SlurmJob, parse_show_job, render, sbatch_quote, torchrun_argv, train_overrides
+from moeforge.launcher.slurm import SlurmJob, parse_show_job, render, sbatch_quote, torchrun_argv, train_overrides
 
 HOSTILE = ["model=tiny", "run_dir=/tmp/a b", "x=$(touch {m}/p1)", "y=`touch {m}/p2`", "z=1; touch {m}/p3",
            "q=it's \"quoted\"", "n=line1\nline2", "amp=a & touch {m}/p4 | cat > {m}/p5", "d=$HOME ${{PATH}}",
@@ -112,7 +112,7 @@ def test_torchrun_part_parses_with_torchs_own_parser(fake):
     ns = get_args_parser().parse_args(argv)
     assert (ns.nproc_per_node, ns.nnodes, ns.rdzv_backend, ns.rdzv_endpoint, ns.rdzv_id) == ("8", "2", "c10d",
                                                                                             "n1:20001", "1")
-    assert ns.max_restarts == 0 and ns.module and ns.training_script == "launcher.cli"
+    assert ns.max_restarts == 0 and ns.module and ns.training_script == "moeforge.launcher.cli"
     assert ns.training_script_args == ["train", "model=16b", "checkpoint.preempt_grace_s=90"]
     if hasattr(ns, "signals_to_handle"):
         assert "SIGUSR1" in ns.signals_to_handle
@@ -202,7 +202,7 @@ def test_no_requeue_past_max_requeues(fake):
 
 
 def test_dry_run_prints_the_script_and_checks_the_layout(capsys, tmp_path, monkeypatch):
-    from launcher.cli import main
+    from moeforge.launcher.cli import main
 
     monkeypatch.chdir(tmp_path)
     assert main(["slurm", "submit", "--dry-run", "--nodes", "2", "--gpus-per-node", "8", "--partition", "P",
@@ -248,7 +248,7 @@ def test_parse_show_job_keeps_spaces_in_names_and_paths():
 
 
 def test_cancel_takes_the_newest_job_of_a_run_dir(fake, monkeypatch, capsys):
-    from launcher.cli import main
+    from moeforge.launcher.cli import main
 
     (fake / "bin" / "scancel").write_text(f"#!/bin/bash\necho \"$*\" >> {fake}/calls/scancel.calls\n")
     (fake / "bin" / "scancel").chmod(0o755)

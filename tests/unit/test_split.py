@@ -1,15 +1,15 @@
-"""model.split (stage assignment, pruning, the stage's loss) and dualpipe.stage (pieces, B/W split).
+"""moeforge.model.split (stage assignment, pruning, the stage's loss) and dualpipe.stage (pieces, B/W split).
 Single process, no process group."""
 import dataclasses
 
 import pytest
 import torch
 
-from dualpipe.stage import Chunk, backward_input, run, stage_forward
-from model.args import load_preset
-from model.split import build_stage, build_stages, stage_blocks, stage_layers
-from model.transformer import Transformer
-from train.loop import lm_losses
+from moeforge.dualpipe.stage import Chunk, backward_input, run, stage_forward
+from moeforge.model.args import load_preset
+from moeforge.model.split import build_stage, build_stages, stage_blocks, stage_layers
+from moeforge.model.transformer import Transformer
+from moeforge.train.loop import lm_losses
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -23,12 +23,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import dualpipe.stage as stage
-from comm.all_to_all import _Runner
-from model.args import load_preset
-from model.moe import MoE
-from model.transformer import Transformer
-from parallel.apply_ep import apply_ep
+import moeforge.dualpipe.stage as stage
+from moeforge.comm.all_to_all import _Runner
+from moeforge.model.args import load_preset
+from moeforge.model.moe import MoE
+from moeforge.model.transformer import Transformer
+from moeforge.parallel.apply_ep import apply_ep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,7 +5,7 @@ import pynvml
 import pytest
 import torch
 
-from train.telemetry import GpuTelemetry
+from moeforge.train.telemetry import GpuTelemetry
 
 CUDA0 = torch.device("cuda", 0)
 

@@ -5,8 +5,8 @@ import argparse
 import pytest
 from torch.distributed.run import get_args_parser
 
-from launcher.env import RuntimeEnv, first_host
-from launcher.torchrun import (LaunchOptions, add_launch_arguments, build_torchrun_argv, launch,
+from moeforge.launcher.env import RuntimeEnv, first_host
+from moeforge.launcher.torchrun import (LaunchOptions, add_launch_arguments, build_torchrun_argv, launch,
                                options_from_args, torchrun_flags)
 
 
@@ -21,17 +21,17 @@ def torchrun_parse(argv):
 
 
 def test_single_node_is_standalone():
-    argv = build_torchrun_argv(parse(["--nproc-per-node", "4"]), "launcher.cli", ["train", "train.steps=5"])
+    argv = build_torchrun_argv(parse(["--nproc-per-node", "4"]), "moeforge.launcher.cli", ["train", "train.steps=5"])
     ns = torchrun_parse(argv)
     assert ns.standalone and ns.nproc_per_node == "4" and ns.nnodes == "1" and ns.max_restarts == 0
-    assert ns.module and ns.training_script == "launcher.cli" and ns.training_script_args == ["train", "train.steps=5"]
+    assert ns.module and ns.training_script == "moeforge.launcher.cli" and ns.training_script_args == ["train", "train.steps=5"]
 
 
 def test_multi_node_uses_c10d_rendezvous_and_passes_everything_through():
     opts = parse(["--nproc-per-node", "2", "--nnodes", "2", "--rdzv-endpoint", "10.231.7.1:29400",
                   "--rdzv-id", "job7", "--rdzv-conf", "is_host=true", "--max-restarts", "3",
                   "--local-addr", "10.231.7.1", "--monitor-interval", "0.5", "parallel.pp=2"])
-    argv = build_torchrun_argv(opts, "launcher.cli", ["train", "parallel.pp=2"])
+    argv = build_torchrun_argv(opts, "moeforge.launcher.cli", ["train", "parallel.pp=2"])
     ns = torchrun_parse(argv)
     assert not ns.standalone and ns.nnodes == "2" and ns.rdzv_backend == "c10d"
     assert (ns.rdzv_endpoint, ns.rdzv_id, ns.rdzv_conf) == ("10.231.7.1:29400", "job7", "is_host=true")
@@ -62,12 +62,12 @@ def test_slurm_allocation_fills_nodes_and_rendezvous():
 
 
 def test_launch_stops_on_preflight_problems(monkeypatch, capsys):
-    from launcher import doctor
-    from launcher.doctor import GpuReport
+    from moeforge.launcher import doctor
+    from moeforge.launcher.doctor import GpuReport
 
     monkeypatch.setattr(doctor, "gpu_report", lambda nvml=None, nproc_per_node=None, xid_wait_ms=0: GpuReport(
         available=True, driver="x", nproc_per_node=nproc_per_node, problems=["--nproc-per-node 8 > 4 GPU(s)"]))
-    assert launch(LaunchOptions(nproc_per_node="8"), "parallel.selfcheck", []) == 1
+    assert launch(LaunchOptions(nproc_per_node="8"), "moeforge.parallel.selfcheck", []) == 1
     assert "preflight found problems" in capsys.readouterr().err
 
 
@@ -98,7 +98,7 @@ def test_env_slurm_srun_task():
 
 
 def test_env_slurm_master_from_nodelist_without_scontrol(monkeypatch):
-    import launcher.env as env_mod
+    import moeforge.launcher.env as env_mod
 
     def no_scontrol(*a, **k):
         raise FileNotFoundError("scontrol")
