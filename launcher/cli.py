@@ -20,21 +20,24 @@ def _train(args) -> int:
 
 
 def _launch(args) -> int:
-    from .config import load_job_config
-    from .torchrun import launch, options_from_args
+    from .torchrun import launch
 
-    # Validate the config and the layout here, before any process starts or any process group forms.
+    opts = check_launch(args)
+    return launch(opts, "moeforge.launcher.cli", ["train", *args.overrides])
+
+
+def check_launch(args):
+    """The config and the layout of a `moeforge launch`, checked before any process starts or any process
+    group forms (where the world size is known here: numeric --nproc-per-node and --nnodes)."""
+    from .config import check_layout, load_job_config
+    from .torchrun import options_from_args
+
     cfg = load_job_config(args.overrides)
     opts = options_from_args(args)
     if str(opts.nproc_per_node).isdigit() and str(opts.nnodes).isdigit():
-        from moeforge.parallel.dims import ParallelDims
-
         nproc = int(opts.nproc_per_node)
-        dims = ParallelDims.from_config(cfg.parallel, nproc * int(opts.nnodes), nproc, cfg.model.n_routed_experts)
-        from moeforge.train.loop import validate_schedule
-
-        validate_schedule(cfg, dims.pp, dims.dp)
-    return launch(opts, "moeforge.launcher.cli", ["train", *args.overrides])
+        check_layout(cfg, nproc * int(opts.nnodes), nproc)
+    return opts
 
 
 def _data_prepare(args) -> int:

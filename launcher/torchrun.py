@@ -73,7 +73,7 @@ def options_from_args(ns: argparse.Namespace, environ=None) -> LaunchOptions:
 
 def slurm_defaults(opts: LaunchOptions, environ, rdzv_id_given: bool = False) -> LaunchOptions:
     """One `moeforge launch` per node under srun: nodes, rendezvous host and id from the allocation."""
-    from .env import slurm_master_addr
+    from moeforge.parallel.env import slurm_master_addr
 
     return replace(opts, nnodes=environ["SLURM_NNODES"], node_rank=int(environ.get("SLURM_NODEID", 0)),
                    rdzv_endpoint=f"{slurm_master_addr(environ)}:{RDZV_PORT}",

@@ -100,7 +100,7 @@ class ModelArgs:
 
 
 def preset_names() -> list[str]:
-    root = resources.files("conf") / "model"
+    root = resources.files("moeforge.conf") / "model"
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
@@ -108,7 +108,7 @@ def load_preset(name: str, **overrides) -> ModelArgs:
     """Read conf/model/<name>.yaml into a ModelArgs (no hydra needed)."""
     import yaml  # PyYAML comes with hydra-core/omegaconf
 
-    path = resources.files("conf") / "model" / f"{name}.yaml"
+    path = resources.files("moeforge.conf") / "model" / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"model={name!r}: no preset; choose one of {preset_names()}")
     values = yaml.safe_load(path.read_text())

@@ -21,14 +21,11 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from moeforge.model.transformer import is_expert_param
+
 from .mesh import peer_guard
 
 BUCKET_NUMEL = 1 << 27  # 512 MiB of fp32 per flat buffer at most
-
-
-def is_routed_expert(name: str) -> bool:
-    """Routed-expert parameters (model/moe.py keeps them in `experts`; `shared_experts` are dense)."""
-    return ".experts." in name or name.startswith("experts.")
 
 
 def _group(groups, axis: str) -> dist.ProcessGroup | None:
@@ -80,7 +77,7 @@ def _allreduce_flat(params: list[torch.Tensor], group: dist.ProcessGroup, divide
 
 @torch.no_grad()
 def reduce_gradients(named_params: Iterable[tuple[str, torch.Tensor]], groups,
-                     is_expert: Callable[[str], bool] = is_routed_expert, bucket_numel: int = BUCKET_NUMEL) -> None:
+                     is_expert: Callable[[str], bool] = is_expert_param, bucket_numel: int = BUCKET_NUMEL) -> None:
     """Dense grads: SUM over dp / dp. Expert grads: SUM over edp / dp. In place on p.grad."""
     params = _unique(named_params)
     for _, p in params:
@@ -101,7 +98,7 @@ def reduce_gradients(named_params: Iterable[tuple[str, torch.Tensor]], groups,
 
 @torch.no_grad()
 def grad_norm(named_params: Iterable[tuple[str, torch.Tensor]], groups,
-              is_expert: Callable[[str], bool] = is_routed_expert) -> torch.Tensor:
+              is_expert: Callable[[str], bool] = is_expert_param) -> torch.Tensor:
     """Global L2 norm of the (reduced) grads of the whole model, as an fp32 scalar on the grads' device."""
     params = [(n, p) for n, p in _unique(named_params) if p.grad is not None]
     device = params[0][1].grad.device if params else torch.device("cpu")
@@ -125,7 +122,7 @@ def grad_norm(named_params: Iterable[tuple[str, torch.Tensor]], groups,
 
 @torch.no_grad()
 def clip_grad_norm_(named_params: Iterable[tuple[str, torch.Tensor]], max_norm: float, groups=None,
-                    is_expert: Callable[[str], bool] = is_routed_expert,
+                    is_expert: Callable[[str], bool] = is_expert_param,
                     norm_params: Iterable[tuple[str, torch.Tensor]] | None = None) -> torch.Tensor:
     """Scale grads in place by min(1, max_norm / (norm + 1e-6)); returns the global norm (fp32 tensor).
 

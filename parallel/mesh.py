@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from moeforge.launcher.env import RuntimeEnv
+from moeforge.parallel.env import RuntimeEnv
 
 from .dims import ParallelDims
 from .groups import Coords, coords, group_of

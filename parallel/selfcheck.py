@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from moeforge.launcher.env import RuntimeEnv
+    from moeforge.parallel.env import RuntimeEnv
 
     from .dims import ParallelDims
     from .groups import group_of

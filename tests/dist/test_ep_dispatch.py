@@ -58,10 +58,6 @@ def _frob(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def _is_expert(name: str) -> bool:
-    return is_expert_param("." + name)  # a bare MoE's parameter names start with "experts."
-
-
 def _grads(module):
     return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in module.named_parameters()}
 
@@ -83,7 +79,7 @@ def _compare(rank, ep, model, ref, run):
     err = {"out": _rel(out.detach(), ref_out), "input_grad": _rel(x.grad, ref_x)}
     expert_err, dense_err = 0.0, 0.0
     for n, g in mine.items():
-        if _is_expert(n):
+        if is_expert_param(n):
             expert_err = max(expert_err, _rel(g, ref_sum[n]))
         else:
             dense_err = max(dense_err, _rel(g, ref_own[n]))

@@ -76,7 +76,7 @@ def _init_single(rank, world):
 
     import torch.distributed as dist
 
-    from moeforge.launcher.env import RuntimeEnv
+    from moeforge.parallel.env import RuntimeEnv
     from moeforge.parallel.dims import ParallelDims
     from moeforge.parallel.mesh import build_meshes, init_distributed
 
@@ -92,7 +92,7 @@ def _init_tcp(rank, world):
     import torch
     import torch.distributed as dist
 
-    from moeforge.launcher.env import RuntimeEnv
+    from moeforge.parallel.env import RuntimeEnv
     from moeforge.parallel.mesh import init_distributed
 
     env = RuntimeEnv(rank=rank, local_rank=rank, world_size=world, local_world_size=world, launcher="slurm",

@@ -5,7 +5,7 @@ import argparse
 import pytest
 from torch.distributed.run import get_args_parser
 
-from moeforge.launcher.env import RuntimeEnv, first_host
+from moeforge.parallel.env import RuntimeEnv, first_host
 from moeforge.launcher.torchrun import (LaunchOptions, add_launch_arguments, build_torchrun_argv, launch,
                                options_from_args, torchrun_flags)
 
@@ -98,7 +98,7 @@ def test_env_slurm_srun_task():
 
 
 def test_env_slurm_master_from_nodelist_without_scontrol(monkeypatch):
-    import moeforge.launcher.env as env_mod
+    import moeforge.parallel.env as env_mod
 
     def no_scontrol(*a, **k):
         raise FileNotFoundError("scontrol")
