@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-# torch is imported inside the functions that build tensors: EPTopology and the link arithmetic stay
-# importable without it (`moeforge plan` runs with no torch in the process).
+# torch is imported inside the functions that build tensors: EPTopology and the link arithmetic are plain
+# Python, so the planner prices link bytes with them without building any tensor.
 if TYPE_CHECKING:
     import torch
 

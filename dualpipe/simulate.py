@@ -24,8 +24,8 @@ Checked, with an error that names the ranks and actions (ScheduleError):
   - the k-th send from a to b and the k-th receive on b from a describe the same tensor, and
     every send has its receive;
   - no deadlock (ScheduleDeadlock lists every stuck rank and the messages it waits for).
-step_time() gives the same makespan and bubble without these checks, ten times faster, for lists
-that pass them (the planner's).
+simulate(..., check=False) skips all but the last two (a deadlock, a send without its receive), for
+lists that are known to pass them (the planner's): the same numbers, without the checks' bookkeeping.
 
 Bubble: bubble[r] = makespan - busy[r], the time rank r does not compute during the step
 (makespan: time 0 to the end of the last action of any rank; busy: the sum of rank r's compute
@@ -109,13 +109,32 @@ class SimResult:
     makespan: float
     busy: list[float]
     bubble: list[float]  # makespan - busy, per rank
-    peak_activations: list[int]
-    param_copies: list[int]  # stages held per rank: 1 for 1F1B/ZB1P, 2 for DualPipe/V
-    messages: dict[tuple[int, int], list[tuple[Action, Action]]]  # (src, dst) -> (send, recv)
 
     @property
     def max_bubble(self) -> float:
         return max(self.bubble)
+
+    @property
+    def peak_activations(self) -> list[int]:
+        return [_peak_activations(t) for t in self.timeline]
+
+    @property
+    def param_copies(self) -> list[int]:
+        """Stages held per rank: 1 for 1F1B/ZB1P, 2 for DualPipe/V."""
+        return [len({s for _, _, a in t for _, s, _ in _parts(a)}) for t in self.timeline]
+
+    @property
+    def messages(self) -> dict[tuple[int, int], list[tuple[Action, Action]]]:
+        """(src, dst) -> its (send, receive) pairs: the k-th send with the k-th receive."""
+        sends, recvs = defaultdict(list), defaultdict(list)
+        for rank, batches in enumerate(self.comm):
+            for _, _, batch in batches:
+                for a in batch:
+                    if a.op in ("SEND_F", "SEND_B"):
+                        sends[rank, a.peer].append(a)
+                    else:
+                        recvs[a.peer, rank].append(a)
+        return {ch: list(zip(sends[ch], recvs[ch])) for ch in sorted(sends)}
 
 
 def _parts(a: Action) -> list[tuple[str, int, int]]:
@@ -131,19 +150,6 @@ def _parts(a: Action) -> list[tuple[str, int, int]]:
     if a.op == "FB":
         return [("F", a.stage, a.microbatch), ("I", a.b_stage, a.b_microbatch), ("W", a.b_stage, a.b_microbatch)]
     raise ScheduleError(f"unknown op in {a!r}; compute ops are {COMPUTE_OPS}, comm ops {COMM_OPS}")
-
-
-def _steps(actions: Sequence[Action]) -> list[Action | list[Action]]:
-    """A rank's list as compute actions and comm batches (lists)."""
-    steps: list[Action | list[Action]] = []
-    for a in actions:
-        if a.op not in COMM_OPS:
-            steps.append(a)
-        elif steps and isinstance(steps[-1], list):
-            steps[-1].append(a)
-        else:
-            steps.append([a])
-    return steps
 
 
 def _locate(schedules: Sequence[Sequence[Action]]) -> tuple[dict[tuple[str, int, int], int], int]:
@@ -169,251 +175,181 @@ def _locate(schedules: Sequence[Sequence[Action]]) -> tuple[dict[tuple[str, int,
     return where, n_stages
 
 
-def simulate(schedules: Sequence[Sequence[Action]], costs: Costs | None = None, wait: str = "batch") -> SimResult:
+class _Checks:
+    """The checks of the module docstring, called by simulate() as the clocks run."""
+
+    def __init__(self, schedules: Sequence[Sequence[Action]]):
+        self.where, self.n_stages = _locate(schedules)
+        self.done: list[set] = [set() for _ in schedules]  # parts computed on this rank
+        self.received: list[set] = [set() for _ in schedules]  # parts whose result this rank received
+        self.sent: set = set()
+
+    def _need(self, rank: int, part: tuple[str, int, int], a: Action) -> None:
+        if part in self.done[rank]:
+            return
+        if self.where[part] == rank:
+            raise ScheduleError(f"rank {rank}: {a} runs before {part}, which is on the same rank")
+        if part not in self.received[rank]:
+            raise ScheduleError(f"rank {rank}: {a} needs {part} from rank {self.where[part]} but did not receive it")
+
+    def compute(self, rank: int, a: Action) -> None:
+        for kind, s, m in _parts(a):
+            if kind == "F" and s > 0:
+                self._need(rank, ("F", s - 1, m), a)
+            if kind == "I":
+                self._need(rank, ("F", s, m), a)
+                if s < self.n_stages - 1:
+                    self._need(rank, ("I", s + 1, m), a)
+            if kind == "W" and a.op == "W":
+                self._need(rank, ("I", s, m), a)
+            self.done[rank].add((kind, s, m))
+
+    def send(self, rank: int, a: Action) -> None:
+        part = ("F" if a.op == "SEND_F" else "I", a.stage, a.microbatch)
+        if part not in self.done[rank]:
+            raise ScheduleError(f"rank {rank}: {a} sends {part} before computing it")
+        if (part, a.peer) in self.sent:
+            raise ScheduleError(f"rank {rank}: {a} is sent twice")
+        self.sent.add((part, a.peer))
+
+    def receive(self, rank: int, a: Action) -> None:
+        part = ("F", a.stage - 1, a.microbatch) if a.op == "RECV_F" else ("I", a.stage + 1, a.microbatch)
+        user = ("F" if a.op == "RECV_F" else "I", a.stage, a.microbatch)
+        if self.where.get(part) != a.peer or self.where.get(user) != rank:
+            raise ScheduleError(f"rank {rank}: {a}, but {part} runs on rank {self.where.get(part)} "
+                                f"and {user} on rank {self.where.get(user)}")
+        self.received[rank].add(part)
+
+
+def simulate(schedules: Sequence[Sequence[Action]], costs: Costs | None = None, wait: str = "batch",
+             check: bool = True) -> SimResult:
+    """Run the ranks' lists together (the module docstring). check=False skips the checks, for lists
+    known to pass them, such as the generators' (`moeforge plan` prices four schedules of 16 x 120): the
+    same result, faster. A deadlock, an unmatched message, a bad peer or an unknown op still raise;
+    with any other fault the numbers mean nothing."""
     if wait not in WAIT_MODES:
         raise ValueError(f"{wait=}, expected one of {WAIT_MODES}")
     costs = costs or Costs()
+    checks = _Checks(schedules) if check else None
+    price = {"F": costs.F, "B": costs.B, "W": costs.W, "BW": costs.full_backward, "FB": costs.overlapped}
     n = len(schedules)
-    where, n_stages = _locate(schedules)
-    steps = [_steps(a) for a in schedules]
-    pc = [0] * n
-    clock = [0.0] * n
-    done: list[set] = [set() for _ in range(n)]  # parts computed on this rank
-    received: list[set] = [set() for _ in range(n)]  # parts whose result this rank received
-    sent: set = set()
+    # [src][dst]: the sends (receives) posted on that channel, each (action, time posted), in posting order
+    sends = [[[] for _ in range(n)] for _ in range(n)]
+    recvs = [[[] for _ in range(n)] for _ in range(n)]
     timeline: list[list] = [[] for _ in range(n)]
     comm_log: list[list] = [[] for _ in range(n)]
-    # channel (src, dst) -> posted sends / receives, each (action, time posted), in posting order
-    sends: dict[tuple[int, int], list] = defaultdict(list)
-    recvs: dict[tuple[int, int], list] = defaultdict(list)
-    posted: list[list | None] = [None] * n  # the current batch of each rank: [(channel, is_send, index)]
-
-    def need(rank: int, part: tuple[str, int, int], a: Action) -> None:
-        if part in done[rank]:
-            return
-        if where[part] == rank:
-            raise ScheduleError(f"rank {rank}: {a} runs before {part}, which is on the same rank")
-        if part not in received[rank]:
-            raise ScheduleError(f"rank {rank}: {a} needs {part} from rank {where[part]} but did not receive it")
-
-    def run_compute(rank: int, a: Action) -> None:
-        for kind, s, m in _parts(a):
-            if kind == "F" and s > 0:
-                need(rank, ("F", s - 1, m), a)
-            if kind == "I":
-                need(rank, ("F", s, m), a)
-                if s < n_stages - 1:
-                    need(rank, ("I", s + 1, m), a)
-            if kind == "W" and a.op == "W":
-                need(rank, ("I", s, m), a)
-            done[rank].add((kind, s, m))
-        start, end = clock[rank], clock[rank] + costs.price(a)
-        timeline[rank].append((start, end, a))
-        clock[rank] = end
-
-    def post(rank: int, batch: list[Action]) -> list:
-        ops = []
-        for a in batch:
-            if a.peer is None or not 0 <= a.peer < n or a.peer == rank:
-                raise ScheduleError(f"rank {rank}: {a} has a bad peer")
-            if a.op in ("SEND_F", "SEND_B"):
-                part = ("F" if a.op == "SEND_F" else "I", a.stage, a.microbatch)
-                if part not in done[rank]:
-                    raise ScheduleError(f"rank {rank}: {a} sends {part} before computing it")
-                if (part, a.peer) in sent:
-                    raise ScheduleError(f"rank {rank}: {a} is sent twice")
-                sent.add((part, a.peer))
-                ch, table = (rank, a.peer), sends
-            else:
-                ch, table = (a.peer, rank), recvs
-            table[ch].append((a, clock[rank]))
-            ops.append((ch, a.op in ("SEND_F", "SEND_B"), len(table[ch]) - 1))
-        return ops
-
-    def try_complete(rank: int, batch: list[Action], ops: list) -> bool:
-        has_recv = any(not is_send for _, is_send, _ in ops)
-        sends_wait = wait == "all" or (wait == "batch" and has_recv)
-        finish = clock[rank]
-        for ch, is_send, i in ops:
-            if i >= len(recvs[ch] if is_send else sends[ch]):
-                if is_send and not sends_wait:
-                    continue
-                return False
-            (send, t_send), (recv, t_recv) = sends[ch][i], recvs[ch][i]
-            _check_pair(ch, i, send, recv)
-            if sends_wait or not is_send:
-                finish = max(finish, max(t_send, t_recv) + costs.comm)
-        for ch, is_send, i in ops:
-            if is_send:
-                continue
-            a = recvs[ch][i][0]
-            part = ("F", a.stage - 1, a.microbatch) if a.op == "RECV_F" else ("I", a.stage + 1, a.microbatch)
-            user = ("F" if a.op == "RECV_F" else "I", a.stage, a.microbatch)
-            if where.get(part) != ch[0] or where.get(user) != rank:
-                raise ScheduleError(f"rank {rank}: {a}, but {part} runs on rank {where.get(part)} "
-                                    f"and {user} on rank {where.get(user)}")
-            received[rank].add(part)
-        comm_log[rank].append((clock[rank], finish, tuple(batch)))
-        clock[rank] = finish
-        return True
-
+    pc, clock, busy = [0] * n, [0.0] * n, [0.0] * n  # busy: the sum of end - start over its compute actions
+    # each rank's posted batch until it completes: [index of its first action, its messages as (this side's
+    # list on the channel, the other side's, index in both, is a receive), the ones it waits for, how many
+    # of those are known to have both sides posted]
+    posted: list[list | None] = [None] * n
+    comm = costs.comm
+    # A rank runs until a batch waits for a message whose other side is not posted yet; the sweep repeats
+    # while some rank posts (only that lets another rank move).
     progress = True
     while progress:
         progress = False
         for rank in range(n):
-            while pc[rank] < len(steps[rank]):
-                step = steps[rank][pc[rank]]
-                if not isinstance(step, list):
-                    run_compute(rank, step)
-                else:
-                    if posted[rank] is None:
-                        posted[rank] = post(rank, step)
-                    if not try_complete(rank, step, posted[rank]):
+            actions, line, i, t, b = schedules[rank], timeline[rank], pc[rank], clock[rank], busy[rank]
+            end = len(actions)
+            while True:
+                if posted[rank] is None:
+                    while i < end:  # compute actions up to the next batch
+                        a = actions[i]
+                        p = price.get(a.op)
+                        if p is None:
+                            break
+                        if checks:
+                            checks.compute(rank, a)
+                        start, t = t, t + p
+                        b += t - start
+                        line.append((start, t, a))
+                        i += 1
+                    if i == end:
                         break
-                    posted[rank] = None
-                pc[rank] += 1
+                    first, msgs, has_recv = i, [], False  # post the batch
+                    while i < end and actions[i].op not in price:
+                        a = actions[i]
+                        op, peer = a.op, a.peer
+                        if op != "SEND_F" and op != "SEND_B" and op != "RECV_F" and op != "RECV_B":
+                            _parts(a)  # raises: an unknown op
+                        if peer is None or not 0 <= peer < n or peer == rank:
+                            raise ScheduleError(f"rank {rank}: {a} has a bad peer")
+                        if op == "SEND_F" or op == "SEND_B":
+                            if checks:
+                                checks.send(rank, a)
+                            own, other, is_recv = sends[rank][peer], recvs[rank][peer], False
+                        else:
+                            own, other, is_recv = recvs[peer][rank], sends[peer][rank], True
+                            has_recv = True
+                        msgs.append((own, other, len(own), is_recv))
+                        own.append((a, t))
+                        i += 1
+                    sends_wait = wait == "all" or (wait == "batch" and has_recv)
+                    posted[rank] = [first, msgs, msgs if sends_wait else [m for m in msgs if m[3]], 0]
+                first, msgs, waits, j = posted[rank]
+                if checks:  # the messages whose both sides are posted, up to the first one the batch waits for
+                    for m in msgs:
+                        if m[2] < len(m[1]):
+                            _check_message(rank, m)
+                        elif m[3] or waits is msgs:
+                            break
+                while j < len(waits) and waits[j][2] < len(waits[j][1]):
+                    j += 1
+                if j < len(waits):
+                    posted[rank][3] = j
+                    break
+                finish = t
+                for own, other, k, _ in waits:
+                    t_own, t_other = own[k][1], other[k][1]
+                    arrival = (t_own if t_own > t_other else t_other) + comm  # max(t_send, t_recv) + comm
+                    if arrival > finish:
+                        finish = arrival
+                if checks:
+                    for own, _, k, is_recv in msgs:
+                        if is_recv:
+                            checks.receive(rank, own[k][0])
+                comm_log[rank].append((t, finish, tuple(actions[first:i])))
+                t = finish
+                posted[rank] = None
+            if i != pc[rank]:
                 progress = True
+            pc[rank], clock[rank], busy[rank] = i, t, b
 
-    stuck = [r for r in range(n) if pc[r] < len(steps[r])]
+    stuck = [r for r in range(n) if posted[r] is not None]
     if stuck:
         lines = []
         for r in stuck:
-            waiting = [str((sends if is_send else recvs)[ch][i][0]) for ch, is_send, i in posted[r]
-                       if i >= len((recvs if is_send else sends)[ch])]
-            lines.append(f"rank {r}: batch [{' '.join(map(str, steps[r][pc[r]]))}] waits on {', '.join(waiting)}")
+            first, msgs, _, _ = posted[r]
+            waiting = [str(own[k][0]) for own, other, k, _ in msgs if k >= len(other)]
+            batch = schedules[r][first:pc[r]]
+            lines.append(f"rank {r}: batch [{' '.join(map(str, batch))}] waits on {', '.join(waiting)}")
         raise ScheduleDeadlock("deadlock:\n" + "\n".join(lines))
-    for ch in sorted(set(sends) | set(recvs)):
-        if len(sends[ch]) != len(recvs[ch]):
-            raise ScheduleError(f"ranks {ch[0]}->{ch[1]}: {len(sends[ch])} sends but {len(recvs[ch])} receives")
-        for i in range(len(sends[ch])):
-            _check_pair(ch, i, sends[ch][i][0], recvs[ch][i][0])
+    for src in range(n):
+        for dst in range(n):
+            s, r = sends[src][dst], recvs[src][dst]
+            if len(s) != len(r):
+                raise ScheduleError(f"ranks {src}->{dst}: {len(s)} sends but {len(r)} receives")
+            if checks:
+                for k in range(len(s)):
+                    _check_pair((src, dst), k, s[k][0], r[k][0])
 
     makespan = max([t[-1][1] for t in timeline if t] + [c[-1][1] for c in comm_log if c], default=0.0)
-    busy = [sum(end - start for start, end, _ in t) for t in timeline]
     return SimResult(
         timeline=timeline,
         comm=comm_log,
         makespan=makespan,
         busy=busy,
         bubble=[makespan - b for b in busy],
-        peak_activations=[_peak_activations(t) for t in timeline],
-        param_copies=[len({s for _, _, a in t for _, s, _ in _parts(a)}) for t in timeline],
-        messages={ch: [(s[0], r[0]) for s, r in zip(sends[ch], recvs[ch])] for ch in sorted(sends)},
     )
 
 
-@dataclass(frozen=True)
-class StepTime:
-    makespan: float
-    busy: list[float]
-    bubble: list[float]
-
-    @property
-    def max_bubble(self) -> float:
-        return max(self.bubble)
-
-
-class _Unfinished(Exception):
-    """step_time met something it leaves to simulate()."""
-
-
-def step_time(schedules: Sequence[Sequence[Action]], costs: Costs | None = None, wait: str = "batch") -> StepTime:
-    """simulate()'s makespan, busy and bubble, without its checks and without a timeline: about 10x
-    faster (`moeforge plan`'s four schedules at 16 ranks x 120 micro-batches: 0.07 s, not 0.8 s).
-
-    For action lists simulate() accepts, such as the generators' (tests/unit/test_schedule.py, and
-    tests/unit/test_plan_speed.py at the plan's 16 x 120): it trusts that every part runs once, after
-    what it needs, and that paired messages carry the same tensor. tests/unit/test_simulate.py holds
-    its numbers equal to simulate()'s, bit for bit. What it cannot finish (a deadlock, a send nobody
-    receives, an unknown op, a bad peer, a negative cost) it hands to simulate(), which raises the
-    error that names the fault."""
-    if wait not in WAIT_MODES:
-        raise ValueError(f"{wait=}, expected one of {WAIT_MODES}")
-    costs = costs or Costs()
-    try:
-        return _step_time(schedules, costs, wait)
-    except _Unfinished:
-        r = simulate(schedules, costs, wait)
-        return StepTime(r.makespan, r.busy, r.bubble)
-
-
-def _step_time(schedules: Sequence[Sequence[Action]], costs: Costs, wait: str) -> StepTime:
-    # simulate()'s loop with nothing but the clocks: a rank runs until a batch waits for a message
-    # whose other side is not posted yet; the sweep repeats while some rank moves.
-    price = {"F": costs.F, "B": costs.B, "W": costs.W, "BW": costs.full_backward, "FB": costs.overlapped}
-    comm = costs.comm
-    if not all(p >= 0 for p in (*price.values(), comm)):  # a clock could go back; the makespan below assumes not
-        raise _Unfinished
-    n = len(schedules)
-    sent = [[[] for _ in range(n)] for _ in range(n)]  # [src][dst]: times the sends were posted, in order
-    got = [[[] for _ in range(n)] for _ in range(n)]  # [src][dst]: times the receives were posted
-    pc, clock = [0] * n, [0.0] * n
-    busy = [0.0] * n  # the sum of end - start over each rank's compute actions, in order (as simulate())
-    # the posted batch of each rank: [the messages it waits for, each (send times, recv times, index), the first
-    # one whose other side may not be posted yet]
-    waiting: list[list | None] = [None] * n
-    progress = True
-    while progress:
-        progress = False
-        for rank in range(n):
-            actions, i, t, b = schedules[rank], pc[rank], clock[rank], busy[rank]
-            end = len(actions)
-            while True:
-                if waiting[rank] is None:
-                    while i < end:  # compute actions up to the next batch
-                        p = price.get(actions[i].op)
-                        if p is None:
-                            break
-                        start, t = t, t + p
-                        b += t - start
-                        i += 1
-                    if i == end:
-                        break
-                    posted, has_recv = [], False  # post the batch
-                    while i < end and actions[i].op not in price:
-                        a = actions[i]
-                        peer = a.peer
-                        if peer is None or not 0 <= peer < n or peer == rank:
-                            raise _Unfinished
-                        if a.op == "SEND_F" or a.op == "SEND_B":
-                            sends, recvs = sent[rank][peer], got[rank][peer]
-                            posted.append((True, sends, recvs, len(sends)))
-                            sends.append(t)
-                        elif a.op == "RECV_F" or a.op == "RECV_B":
-                            sends, recvs = sent[peer][rank], got[peer][rank]
-                            posted.append((False, sends, recvs, len(recvs)))
-                            recvs.append(t)
-                            has_recv = True
-                        else:
-                            raise _Unfinished
-                        i += 1
-                    sends_wait = wait == "all" or (wait == "batch" and has_recv)
-                    waiting[rank] = [[m[1:] for m in posted if sends_wait or not m[0]], 0]
-                msgs, j = waiting[rank]
-                while j < len(msgs) and msgs[j][2] < len(msgs[j][0]) and msgs[j][2] < len(msgs[j][1]):
-                    j += 1
-                if j < len(msgs):
-                    waiting[rank][1] = j
-                    break
-                finish = t
-                for sends, recvs, k in msgs:
-                    t_send, t_recv = sends[k], recvs[k]
-                    arrival = (t_recv if t_recv > t_send else t_send) + comm  # max(t_send, t_recv) + comm
-                    if arrival > finish:
-                        finish = arrival
-                t = finish
-                waiting[rank] = None
-            if i != pc[rank]:  # it posted: only that lets another rank move
-                progress = True
-            pc[rank], clock[rank], busy[rank] = i, t, b
-
-    if any(pc[r] < len(schedules[r]) or waiting[r] is not None for r in range(n)):
-        raise _Unfinished  # a deadlock
-    if any(len(sent[a][b]) != len(got[a][b]) for a in range(n) for b in range(n)):
-        raise _Unfinished  # a send nobody receives, or a receive nobody sends
-    # the clocks never go back, so each rank's last end is its clock
-    makespan = max((clock[r] for r in range(n) if schedules[r]), default=0.0)
-    return StepTime(makespan, busy, [makespan - b for b in busy])
+def _check_message(rank: int, msg) -> None:
+    own, other, k, is_recv = msg
+    if is_recv:
+        _check_pair((own[k][0].peer, rank), k, other[k][0], own[k][0])
+    else:
+        _check_pair((rank, own[k][0].peer), k, own[k][0], other[k][0])
 
 
 def _check_pair(ch: tuple[int, int], i: int, send: Action, recv: Action) -> None:

@@ -48,7 +48,8 @@ import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from moeforge.model.moe import AuxLossAutoScaler, MoE, sequence_balance_loss
+from moeforge.model.moe import MoE
+
 
 def _edge(t) -> GradientEdge:
     return t if isinstance(t, GradientEdge) else get_gradient_edge(t)
@@ -430,24 +431,16 @@ def _is_async(layer: nn.Module) -> bool:
 def block_forward(chunk: Chunk, layer: nn.Module, x: torch.Tensor, angles: torch.Tensor,
                   overlap: bool) -> Generator[None, None, torch.Tensor]:
     """One transformer block as pieces. With an async dispatcher and overlap: ATTN | MLP | COMBINE,
-    yielding while dispatch and combine are in flight (the same ops as Block.forward + MoE.forward)."""
+    yielding while dispatch and combine are in flight (Block.attention and MoE.forward's steps: route_tokens,
+    dispatcher, shared, finish)."""
     if not (overlap and _is_async(layer)):
         return chunk.piece(layer, x, angles, params=_params(layer), name=f"block{layer.layer_id}")
     moe: MoE = layer.ffn
     disp = moe.dispatcher
-    B, T, D = x.shape
 
     def attn_gate(x):
-        h = x + layer.attn(layer.attn_norm(x), angles)
-        x_ND = layer.ffn_norm(h).reshape(B * T, D)
-        weights, indices, scores = moe.gate(x_ND)
-        with torch.no_grad():
-            moe.tokens_per_expert += torch.bincount(indices.flatten(), minlength=moe.n_routed_experts).to(
-                moe.tokens_per_expert.dtype)
-        aux = None
-        if moe.training and moe.aux_alpha > 0 and torch.is_grad_enabled():
-            aux = sequence_balance_loss(scores.view(B, T, -1), indices.view(B, T, -1), moe.aux_alpha)
-            moe.last_aux_loss = aux.detach()
+        h = layer.attention(x, angles)
+        x_ND, weights, indices, aux = moe.route_tokens(layer.ffn_norm(h))
         return h, x_ND, aux, disp.dispatch_async(x_ND, indices, weights)
 
     h, x_ND, aux, handle = chunk.piece(
@@ -466,15 +459,10 @@ def block_forward(chunk: Chunk, layer: nn.Module, x: torch.Tensor, angles: torch
     def combine(handle, h, x_ND, aux):
         # the shared expert first: it computes while the combine is in flight; in backward its nodes are
         # older than the wait node's, so autograd starts the reverse combine before computing them
-        shared = moe.shared_experts(x_ND) if moe.shared_experts is not None else None
-        y = handle.wait()
-        chunk.cut(y)
-        if shared is not None:
-            y = y + shared  # the operands of MoE.forward's sum, in its order: the same bits
-        y = y.view(B, T, D)
-        if aux is not None:
-            y = AuxLossAutoScaler.apply(y, aux, moe.aux_loss_scale)
-        return h + y
+        shared = moe.shared(x_ND)
+        y_ND = handle.wait()
+        chunk.cut(y_ND)
+        return h + moe.finish(y_ND, shared, aux, h.shape)
 
     return chunk.piece(combine, handle, h, x_ND, aux, params=_params(moe.shared_experts),
                        name=f"combine{layer.layer_id}")

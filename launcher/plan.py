@@ -3,14 +3,14 @@
     moeforge plan model=671b parallel.pp=16 parallel.ep=64 cluster.nodes=256 cluster.gpu=h800
     moeforge plan model=671b cluster.nodes=256 cluster.gpu=h800 --search     # rank (pp, ep, dp) layouts
 
-Overrides are the job's own (model=, train.*, parallel.*, fp8=; through launcher.config) plus cluster.*
-(gpu, nodes, gpus_per_node and any field of conf/cluster/<gpu>.yaml), parsed here. train.seq_len,
-train.micro_batch_size and train.global_batch_size default to model.max_seq_len, 1 and TR §4.2's 15360
-sequences when not given. Nothing is built: every number comes from one of
+Overrides are the job's own (model=, train.*, parallel.*, fp8=), composed by launcher.config as for a
+run, plus cluster.* (gpu, nodes, gpus_per_node and any field of conf/cluster/<gpu>.yaml), split off here.
+train.seq_len, train.micro_batch_size and train.global_batch_size default to model.max_seq_len, 1 and TR
+§4.2's 15360 sequences when not given. Nothing is built: every number comes from one of
   - model/flops.py: parameters, FLOPs per token and per module (the one place of that arithmetic);
   - model/stages.py stage_layers: which modules each pipeline stage holds (model/split.py's, the runtime's split);
-  - dualpipe/schedule.py + simulate.py: the action lists, their makespan and bubble (step_time: the
-    simulator's numbers without its checks, which the generators' lists pass; tests/unit/test_plan_speed.py);
+  - dualpipe/schedule.py + simulate.py: the action lists, their makespan and bubble (simulate with
+    check=False: the generators' lists pass its checks; tests/unit/test_plan_speed.py);
   - comm/layout.py: which ep rank and node each routed token goes to, flat or two-hop;
   - conf/cluster/*.yaml: memory, peak FLOP rates, link bandwidths, an efficiency factor.
 
@@ -27,13 +27,9 @@ The model, explicitly (docs/plan.md has the same with the reasons):
           FP32 master weights (ZeRO-1 shards them with the moments; --master-weights full keeps them
           whole, as parallel/zero.py does today), AdamW moments (train.moment_dtype) over dp (dense) and
           edp (experts); plus the activations of the chunks in flight (activation_bytes_per_token).
-  EP      uniform routing: i.i.d. N(0, 1) router logits through model.moe.Gate's selection (bias 0), a
-          seeded Monte Carlo of 8192 tokens; `ep_bytes_for_routing` turns routing into the bytes each rank's
-          comm.counters.ByteCounters records (tests/dist/test_plan_bytes.py checks it against a real run).
-
-The plan imports neither torch nor hydra (tests/unit/test_plan.py checks): the Monte Carlo runs in numpy
-(`gate_indices`, held equal to model.moe.Gate by a test), and plain overrides are composed from conf/
-without hydra (`compose_without_hydra`, held equal to launcher.config; anything else goes to hydra).
+  EP      uniform routing: i.i.d. N(0, 1) router logits through model.routing.route (Gate's routing, bias
+          0), a seeded Monte Carlo of 8192 tokens; `ep_bytes_for_routing` turns routing into the bytes each
+          rank's comm.counters.ByteCounters records (tests/dist/test_plan_bytes.py checks it against a real run).
 """
 from __future__ import annotations
 
@@ -41,7 +37,6 @@ import argparse
 import dataclasses
 import functools
 import math
-import re
 from dataclasses import dataclass, field, fields
 from importlib import resources
 
@@ -50,14 +45,6 @@ TR_GPU_HOURS_PER_T = 180e3  # H800 GPU-hours per trillion tokens (TR Table 1: 26
 MC_TOKENS = 8192  # Monte Carlo tokens for the expected EP traffic (over all ep ranks): ~0.1% standard error
 EVENTS_FWD, EVENTS_BWD = ("dispatch_fwd", "combine_fwd"), ("dispatch_bwd", "combine_bwd")
 GiB = 2.0 ** 30
-
-
-def _yaml_load(text: str):
-    """yaml.safe_load through libyaml's parser when PyYAML has it: the same constructor and resolver, so the
-    same values, in a fifth of the time."""
-    import yaml
-
-    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 # ---- hardware ---------------------------------------------------------------------------------------
@@ -81,18 +68,24 @@ class Cluster:
 
 def load_cluster(values: dict[str, str]) -> Cluster:
     """conf/cluster/<gpu>.yaml with cluster.<key>=value overrides (values as strings, typed by the field)."""
+    import yaml
+
     values = dict(values)
     gpu = values.pop("gpu", "h800")
-    path = resources.files("conf") / "cluster" / f"{gpu}.yaml"
+    profiles = resources.files("moeforge.conf") / "cluster"
+    path = profiles / f"{gpu}.yaml"
     if not path.is_file():
-        names = sorted(p.name[:-5] for p in (resources.files("conf") / "cluster").iterdir() if p.name.endswith(".yaml"))
+        names = sorted(p.name[:-5] for p in profiles.iterdir() if p.name.endswith(".yaml"))
         raise ValueError(f"cluster.gpu={gpu!r}: no profile; choose one of {names}")
-    base = _yaml_load(path.read_text())
+    base = yaml.safe_load(path.read_text())
     types = {f.name: f.type for f in fields(Cluster)}
     for k, v in values.items():
         if k not in types:
             raise ValueError(f"cluster.{k}: unknown key; known: {sorted(types)} and gpu")
-        base[k] = int(v) if types[k] == "int" else float(v) if types[k] == "float" else v
+        try:
+            base[k] = int(v) if types[k] == "int" else float(v) if types[k] == "float" else v
+        except ValueError:
+            raise ValueError(f"cluster.{k}={v!r}: expected {types[k]}") from None
     c = Cluster(**base)
     if c.nodes < 1 or c.gpus_per_node < 1 or c.efficiency <= 0 or c.efficiency > 1:
         raise ValueError(f"cluster: need nodes, gpus_per_node >= 1 and 0 < efficiency <= 1, got {c}")
@@ -108,7 +101,7 @@ def ep_bytes_for_routing(indices, topo, dim: int, x_bytes: int, fp8: bool, two_h
     (zero entries left out). Rows follow comm.layout: flat sends a token once to each rank owning one of
     its experts; two-hop sends it once to the relay (same local index) of each node it picked, and the
     relay forwards it once to each rank of its node owning one of its experts. The backward and the
-    combine send the same rows the other way. numpy, not torch: the plan runs without torch.
+    combine send the same rows the other way.
     """
     import numpy as np
 
@@ -176,36 +169,16 @@ def _bytes_from_rows(rows, topo, K: int, dim: int, x_bytes: int, fp8: bool, two_
     return out
 
 
-def gate_indices(args, logits_NE):
-    """The expert ids [N, K] model.moe.Gate picks from router logits [N, E] with its bias at 0, in numpy:
-    sigmoid (or softmax) scores, groups ranked by the sum of their top-2 scores, the n_limited_groups best
-    kept, top-K over those (ids in no particular order). tests/unit/test_plan.py holds it equal to Gate."""
-    import numpy as np
-
-    x = np.asarray(logits_NE, dtype=np.float32)
-    N, E = x.shape
-    if args.score_func == "sigmoid":
-        select = 1 / (1 + np.exp(-x))
-    else:
-        e = np.exp(x - x.max(axis=-1, keepdims=True))
-        select = e / e.sum(axis=-1, keepdims=True)
-    if args.n_expert_groups > 1:
-        grouped = select.reshape(N, args.n_expert_groups, -1)  # [N, G, E/G]
-        group_scores = np.sort(grouped, axis=-1)[..., -2:].sum(axis=-1)  # [N, G]
-        keep = np.argpartition(-group_scores, args.n_limited_groups - 1, axis=-1)[:, :args.n_limited_groups]
-        dropped = np.ones(group_scores.shape, dtype=bool)
-        dropped[np.arange(N)[:, None], keep] = False
-        select = np.where(dropped[..., None], -np.inf, grouped).reshape(N, E)
-    K = args.n_activated_experts
-    return np.argpartition(-select, K - 1, axis=-1)[:, :K]
-
-
 @functools.lru_cache(maxsize=4)
 def _uniform_ids(args, seed: int = 0):
+    """The expert ids [MC_TOKENS, K] model.routing.route picks for i.i.d. N(0, 1) logits, bias 0."""
     import numpy as np
+    import torch
+
+    from moeforge.model.routing import route
 
     logits = np.random.default_rng(seed).standard_normal((MC_TOKENS, args.n_routed_experts), dtype=np.float32)
-    return gate_indices(args, logits)
+    return route(torch.from_numpy(logits), torch.zeros(args.n_routed_experts), args)[1].numpy()
 
 
 def uniform_routing(args, ep: int, seed: int = 0) -> tuple:
@@ -463,7 +436,7 @@ class _Layout:
 def _price_schedule(name: str, L: _Layout, stages: list[Stage], tr: EPTraffic) -> ScheduleResult:
     """One schedule on one layout: chunk costs, makespan and bubble, ZeRO-1 sync, memory of the fullest rank."""
     from moeforge.dualpipe.schedule import stage_placement, validate
-    from moeforge.dualpipe.simulate import Costs, bubble_formula, step_time
+    from moeforge.dualpipe.simulate import Costs, bubble_formula, simulate
 
     res = ScheduleResult(name)
     try:
@@ -494,7 +467,7 @@ def _price_schedule(name: str, L: _Layout, stages: list[Stage], tr: EPTraffic) -
                   FB=max(max(c["F_c"] + c["B_c"] + c["W_c"], c["ep_fwd"] + c["ep_bwd"]) for c in per))
     if L.exact:
         sched = _schedule(name, L.pp, L.n_micro)
-        sim = step_time(sched, costs)  # simulate()'s numbers, bit for bit, without its checks (~10x faster)
+        sim = simulate(sched, costs, check=False)  # the generators' lists pass the checks
         res.makespan, res.bubble = sim.makespan, sim.max_bubble
     else:  # busy time of the formula's rank at the real n + the report's bubble; peaks from a short run
         actions = _rank_actions(name, L.pp, L.n_micro, _FORMULA_RANK[name](L.pp))
@@ -710,142 +683,6 @@ def render_search(plans: list, misfits: int, cfg, cluster: Cluster, schedule: st
     return "\n".join(L)
 
 
-# ---- config without hydra ---------------------------------------------------------------------------
-# Composing conf/ through hydra costs ~0.4 s (its import, the defaults tree, OmegaConf nodes): most of a
-# plan. Plain overrides are composed here from the same YAML into the same JobConfig; whatever this
-# cannot be sure to read as hydra does goes to hydra, which also writes every error (naming the key).
-_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\Z")
-_INT = re.compile(r"[+-]?\d+\Z")
-_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\Z")  # ints too
-_WORD = re.compile(r"[\w/.][\w/.-]*\Z")  # a string hydra's grammar reads as itself, unless a number or keyword
-_KEYWORDS = ("true", "false", "null", "inf", "nan")
-_REF = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")
-
-
-class _Unsure(Exception):
-    """Hydra might read this differently: compose with hydra instead."""
-
-
-class _Arg(str):
-    """A value from the command line (hydra's override grammar), not from YAML."""
-
-
-def _typed(type_name: str, v):
-    """A leaf value as the schema's OmegaConf node would hold it, for the plain cases only."""
-    base, optional = type_name.removesuffix(" | None"), type_name.endswith(" | None")
-    if isinstance(v, _Arg):
-        if v == "null" and optional:
-            return None
-        if base == "int" and _INT.match(v):
-            return int(v)
-        if base == "float" and _FLOAT.match(v):
-            return float(v)
-        if base == "bool" and v in ("true", "false"):
-            return v == "true"
-        if base == "str" and _WORD.match(v) and not _FLOAT.match(v) and v.lower() not in _KEYWORDS:
-            return str(v)
-    elif v is None:
-        if optional:
-            return None
-    elif (base, type(v)) in (("int", int), ("bool", bool), ("str", str), ("float", float), ("float", int)):
-        return float(v) if base == "float" else v
-    raise _Unsure(f"{type_name} <- {v!r}")
-
-
-def _build(cls, node: dict, tree: dict):
-    """cls(**node) with every leaf typed by cls's fields and ${a.b} references resolved in `tree`."""
-    by_name = {f.name: f for f in fields(cls)}
-    if not isinstance(node, dict) or set(node) - set(by_name):
-        raise _Unsure(f"{cls.__name__}: {sorted(node)}")
-    kw = {}
-    for name, v in node.items():
-        f = by_name[name]
-        if dataclasses.is_dataclass(f.default_factory):
-            kw[name] = _build(f.default_factory, v, tree)
-            continue
-        if type(v) is str and "${" in v:
-            v = _interpolate(v, tree)
-        kw[name] = _typed(f.type, v)
-    return cls(**kw)
-
-
-def _interpolate(v: str, tree: dict):
-    """OmegaConf's ${a.b} for plain references to plain YAML values: "${a.b}" keeps the value's type."""
-    def look(ref: str):
-        node = tree
-        for k in ref.split("."):
-            if not isinstance(node, dict) or k not in node:
-                raise _Unsure(ref)
-            node = node[k]
-        if isinstance(node, (dict, _Arg)) or type(node) is str and "${" in node:
-            raise _Unsure(ref)
-        return node
-
-    whole = _REF.fullmatch(v)
-    if whole:
-        return look(whole[1])
-    out = _REF.sub(lambda m: str(look(m[1])), v)
-    if "${" in out or "\\" in v:
-        raise _Unsure(v)
-    return out
-
-
-def compose_without_hydra(overrides: list[str]):
-    """launcher.config.load_job_config(overrides) for `group=option` and `a.b=value` overrides with plain
-    values (ints, floats, true/false, null, words), from conf/ by the same rules; None for anything else
-    (other override syntax, an unknown key or option, a value of another type, a failed check).
-    tests/unit/test_plan.py holds the two equal."""
-    from .config import JobConfig
-
-    root = resources.files("conf")
-    primary = _yaml_load((root / "config.yaml").read_text())
-    defaults = primary.pop("defaults", None)
-    if not isinstance(defaults, list) or "_self_" not in defaults:
-        return None
-    group_names = {next(iter(d)) for d in defaults if isinstance(d, dict) and len(d) == 1}
-    chosen, args = {}, {}
-    for o in overrides:
-        key, eq, value = o.partition("=")
-        if not eq or not _KEY.match(key) or key in chosen or key in args:
-            return None
-        if key in group_names:
-            chosen[key] = value
-        else:
-            args[key] = _Arg(value)
-    tree: dict = {}
-    for d in defaults:
-        if d == "_self_":
-            for k, v in primary.items():
-                tree[k] = {**tree[k], **v} if isinstance(v, dict) and isinstance(tree.get(k), dict) else v
-            continue
-        if not isinstance(d, dict) or len(d) != 1:
-            return None
-        (group, option), = d.items()
-        option = chosen.get(group, option)
-        if option is None:  # an optional group nobody chose (experiment: null)
-            continue
-        path = root / group / f"{option}.yaml"
-        if not _WORD.match(str(option)) or not path.is_file():
-            return None
-        text = path.read_text()
-        body = _yaml_load(text) or {}
-        if "@package" in text or not isinstance(body, dict) or "defaults" in body:
-            return None
-        tree[group] = {**tree.get(group, {}), **body}
-    for key, value in args.items():
-        *parents, leaf = key.split(".")
-        node = tree
-        for k in parents:
-            node = node.get(k) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or leaf not in node or isinstance(node[leaf], dict):
-            return None  # hydra: "Could not override 'train.stepz'"
-        node[leaf] = value
-    try:
-        return _build(JobConfig, tree, tree)
-    except (_Unsure, ValueError, TypeError):
-        return None
-
-
 # ---- CLI --------------------------------------------------------------------------------------------
 def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
     """(the job's hydra overrides, {cluster key: value})."""
@@ -863,15 +700,14 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
 
 def load_plan_config(overrides: list[str]):
     """(JobConfig with plan defaults for the train keys not given, Cluster, the defaults applied)."""
-    job, cl = split_overrides(overrides)
-    cfg = compose_without_hydra(job)
-    if cfg is None:
-        from .config import load_job_config
+    from .config import load_job_config
 
-        cfg = load_job_config(job)
+    job, cl = split_overrides(overrides)
+    cfg = load_job_config(job)
     given = {o.partition("=")[0].lstrip("+~") for o in job}
     defaults = {"seq_len": cfg.model.max_seq_len, "micro_batch_size": 1, "global_batch_size": TR_BATCH}
-    defaults = {k: v for k, v in defaults.items() if f"train.{k}" not in given}
+    # a key not given, or given as null (train.micro_batch_size=null: "derive it"), takes the plan's default
+    defaults = {k: v for k, v in defaults.items() if f"train.{k}" not in given or getattr(cfg.train, k) is None}
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **defaults))
     return cfg, load_cluster(cl), [f"train.{k}={v}" for k, v in defaults.items()]
 

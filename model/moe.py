@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
+from .routing import route
 
 
 class MLP(nn.Module):
@@ -33,37 +34,18 @@ class MLP(nn.Module):
 
 
 class Gate(nn.Module):
-    """Router. Scores come from raw affinities; the bias only changes which experts are selected."""
+    """Router: a linear to fp32 logits, then model.routing.route (sigmoid, group-limited top-k, bias)."""
 
     def __init__(self, args: ModelArgs, device=None, dtype=None):
         super().__init__()
-        self.topk = args.n_activated_experts
-        self.n_groups = args.n_expert_groups
-        self.topk_groups = args.n_limited_groups
-        self.score_func = args.score_func
-        self.route_scale = args.route_scale
+        self.args = args
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim, device=device, dtype=dtype))
         # b_i of the aux-loss-free strategy: a buffer (saved, never touched by the optimizer), kept fp32.
         self.register_buffer("bias", torch.zeros(args.n_routed_experts, device=device, dtype=torch.float32))
 
     def forward(self, x_ND: torch.Tensor):
         """Returns (weights [N, K] fp32, indices [N, K], scores [N, E] fp32 raw affinities)."""
-        logits = F.linear(x_ND.float(), self.weight.float())
-        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
-        select = scores + self.bias if self.score_func == "sigmoid" else scores
-        if self.n_groups > 1:
-            N = select.size(0)
-            grouped = select.view(N, self.n_groups, -1)
-            # Group score = sum of its top-2 (bias-corrected) affinities (TR §2.1.2, node-limited routing).
-            group_scores = grouped.topk(min(2, grouped.size(-1)), dim=-1).values.sum(dim=-1)
-            keep = group_scores.topk(self.topk_groups, dim=-1).indices
-            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
-            select = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
-        indices = select.topk(self.topk, dim=-1).indices
-        weights = scores.gather(1, indices)
-        if self.score_func == "sigmoid":
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights * self.route_scale, indices, scores
+        return route(F.linear(x_ND.float(), self.weight.float()), self.bias, self.args)
 
 
 def sequence_balance_loss(scores_BTE: torch.Tensor, indices_BTK: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -158,19 +140,37 @@ class MoE(nn.Module):
         self.last_aux_loss: torch.Tensor | None = None
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        x_ND, weights, indices, aux = self.route_tokens(x_BTD)
+        y_ND = self.dispatcher(x_ND, indices, weights, self.experts)
+        return self.finish(y_ND, self.shared(x_ND), aux, x_BTD.shape)
+
+    # The steps of forward, also called one by one by dualpipe.stage.block_forward, which runs the
+    # dispatcher's all-to-alls asynchronously between them (the shared expert under the combine).
+    def route_tokens(self, x_BTD: torch.Tensor):
+        """-> (x_ND, weights [N, K], indices [N, K], aux loss or None); counts the routed tokens."""
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         weights, indices, scores = self.gate(x_ND)
         with torch.no_grad():
             self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.n_routed_experts).to(
                 self.tokens_per_expert.dtype)
-        y = self.dispatcher(x_ND, indices, weights, self.experts)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x_ND)
-        y = y.view(B, T, D)
+        aux = None
         if self.training and self.aux_alpha > 0 and torch.is_grad_enabled():
             aux = sequence_balance_loss(scores.view(B, T, -1), indices.view(B, T, -1), self.aux_alpha)
             self.last_aux_loss = aux.detach()
+        return x_ND, weights, indices, aux
+
+    def shared(self, x_ND: torch.Tensor) -> torch.Tensor | None:
+        return self.shared_experts(x_ND) if self.shared_experts is not None else None
+
+    def finish(self, y_ND: torch.Tensor, shared_ND: torch.Tensor | None, aux: torch.Tensor | None,
+               shape_BTD: torch.Size) -> torch.Tensor:
+        """The routed experts' output (back in token order) + the shared expert's, as [B, T, D]; its
+        backward also trains the router on the aux loss."""
+        if shared_ND is not None:
+            y_ND = y_ND + shared_ND
+        y = y_ND.view(shape_BTD)
+        if aux is not None:
             y = AuxLossAutoScaler.apply(y, aux, self.aux_loss_scale)
         return y
 

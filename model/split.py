@@ -29,12 +29,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from moeforge.train.data import split_window
-
 from .args import ModelArgs
+from .loss import cross_entropy, split_window, total_loss
 from .moe import MoE
 from .stages import stage_blocks, stage_layers  # noqa: F401 (the pure split rule, re-exported)
 from .transformer import Transformer
@@ -45,9 +43,9 @@ class StageModule(nn.Module):
 
     forward(x, rows): the first stage ignores `x` and embeds rows[:, :T]; other stages take the hidden
     state x [B, T, D]. A non-last stage returns its hidden state; the last stage returns the scalar
-    training loss of the micro-batch, CE(main) + λ/D·Σ_k CE(MTP_k), computed exactly as
-    train.loop.lm_losses and Trainer.train_step do. `rows` [B, T+1+D] (token ids) is needed by the
-    first and the last stage. `last_losses` holds (main, [mtp_k]) of the last call (detached).
+    training loss of the micro-batch, CE(main) + λ/D·Σ_k CE(MTP_k), built from model.loss (the same bits
+    as lm_losses + total_loss on the whole model). `rows` [B, T+1+D] (token ids) is needed by the first
+    and the last stage. `last_losses` holds (main, [mtp_k]) of the last call (detached).
     """
 
     def __init__(self, model: Transformer, stage_id: int, n_stages: int, fqns: Sequence[str]):
@@ -93,31 +91,23 @@ class StageModule(nn.Module):
         return self.loss(h, rows) if self.is_last else h
 
     def main_loss(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """CE of the main head on h [B, T, D] (train.loop.lm_losses, first term)."""
-        targets = split_window(rows, self.args.n_mtp_modules)[1]
-        logits = self.head(self.norm(h))
-        V = logits.size(-1)
-        return F.cross_entropy(logits.float().view(-1, V), targets.reshape(-1))
+        """CE of the main head on h [B, T, D] (model.loss.lm_losses, first term)."""
+        return cross_entropy(self.head(self.norm(h)), split_window(rows, self.args.n_mtp_modules)[1])
 
     def mtp_input(self, k: int, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """MTP module k's block input: eh_proj([hnorm(h); enorm(Emb(t_{i+k+1}))]), as MTPModule.forward
-        computes it before its block."""
-        module = self.mtp[str(k)]
+        """MTP module k's block input (MTPModule.project of h and Emb(t_{i+k+1}))."""
         emb = self.embed(split_window(rows, self.args.n_mtp_modules)[2][k])
-        return module.eh_proj(torch.cat([module.hnorm(h), module.enorm(emb)], dim=-1))
+        return self.mtp[str(k)].project(h, emb)
 
     def mtp_loss(self, k: int, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """CE of MTP depth k+1 from its block's output h (the shared head)."""
-        target = split_window(rows, self.args.n_mtp_modules)[3][k]
         logits = self.head(self.mtp[str(k)].norm(h))
-        V = logits.size(-1)
-        return F.cross_entropy(logits.float().view(-1, V), target.reshape(-1))
+        return cross_entropy(logits, split_window(rows, self.args.n_mtp_modules)[3][k])
 
     def combine_losses(self, main: torch.Tensor, mtp: list[torch.Tensor]) -> torch.Tensor:
-        """main + λ/D·Σ mtp, the expression of train.loop.Trainer.train_step (bit for bit)."""
+        """model.loss.total_loss; remembers the terms in `last_losses`."""
         self.last_losses = (main.detach(), [m.detach() for m in mtp])
-        lam = self.args.mtp_loss_weight
-        return main + (lam / len(mtp)) * sum(mtp) if mtp else main
+        return total_loss(main, mtp, self.args.mtp_loss_weight)
 
     def loss(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         main = self.main_loss(h, rows)

@@ -29,8 +29,12 @@ class Block(nn.Module):
         self.ffn = MoE(args, device, dtype) if args.is_moe_layer(layer_id) else MLP(args.dim, args.inter_dim, device, dtype)
 
     def forward(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), angles)
-        return x + self.ffn(self.ffn_norm(x))
+        h = self.attention(x, angles)
+        return h + self.ffn(self.ffn_norm(h))
+
+    def attention(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        """The first residual half (dualpipe.stage runs the MoE half in its own pieces)."""
+        return x + self.attn(self.attn_norm(x), angles)
 
 
 class MTPModule(nn.Module):
@@ -45,8 +49,11 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps, device, dtype)
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-        x = self.eh_proj(torch.cat([self.hnorm(h_prev), self.enorm(emb_next)], dim=-1))
-        return self.block(x, angles)
+        return self.block(self.project(h_prev, emb_next), angles)
+
+    def project(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> torch.Tensor:
+        """The block's input: W [RMSNorm(h^{k-1}_i); RMSNorm(Emb(t_{i+k}))]."""
+        return self.eh_proj(torch.cat([self.hnorm(h_prev), self.enorm(emb_next)], dim=-1))
 
 
 class Transformer(nn.Module):
@@ -104,8 +111,11 @@ class Transformer(nn.Module):
 
 
 def is_expert_param(name: str) -> bool:
-    """Routed-expert parameters (sharded by expert parallelism, reduced over expert-data parallelism)."""
-    return ".experts." in name
+    """The one rule for routed-expert parameters (MoE keeps them in `experts`; `shared_experts` are dense):
+    sharded by expert parallelism, their grads reduced and their optimizer state sharded over expert-data
+    parallelism, their checkpoint keys written by one edp rank. Works on full model names
+    (`layers.3.ffn.experts.5.w1`) and on names relative to an MoE (`experts.5.w1`)."""
+    return ".experts." in name or name.startswith("experts.")
 
 
 def param_counts(model: Transformer) -> dict[str, int]:

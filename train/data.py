@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moeforge.model.loss import split_window  # noqa: F401 (moved to the model; re-exported)
+
 EOT = 256
 VOCAB_SIZE = 257
 
@@ -141,15 +143,6 @@ class TokenSampler:
         rows = [torch.from_numpy(self.tokens[o: o + self.window].astype(np.int64))
                 for o in offsets[self.dp_rank * n:(self.dp_rank + 1) * n].tolist()]
         return torch.stack(rows)
-
-
-def split_window(batch_BW: torch.Tensor, n_mtp: int):
-    """[B, T+1+D] -> inputs [B, T], targets [B, T], mtp_inputs[k] = t_{1+k..T+k}, mtp_targets[k]."""
-    T = batch_BW.size(1) - 1 - n_mtp
-    inputs, targets = batch_BW[:, :T], batch_BW[:, 1:T + 1]
-    mtp_inputs = [batch_BW[:, k:T + k] for k in range(1, n_mtp + 1)]
-    mtp_targets = [batch_BW[:, k + 1:T + k + 1] for k in range(1, n_mtp + 1)]
-    return inputs, targets, mtp_inputs, mtp_targets
 
 
 def unigram_entropy(meta: dict) -> float:

@@ -59,7 +59,7 @@ def _reference(args, rows, n, dtype):
     import torch
 
     from moeforge.model.transformer import Transformer
-    from moeforge.train.loop import lm_losses
+    from moeforge.model.loss import lm_losses, total_loss
 
     model = Transformer(args)
     model.init_weights(5)
@@ -67,10 +67,9 @@ def _reference(args, rows, n, dtype):
     for m in model.moe_layers():
         m.aux_loss_scale = 1.0 / n
     losses = []
-    lam = args.mtp_loss_weight
     for r in rows:
         main, mtp = lm_losses(model, r)
-        loss = main + (lam / len(mtp)) * sum(mtp) if mtp else main
+        loss = total_loss(main, mtp, args.mtp_loss_weight)
         (loss / n).backward()
         losses.append(loss.detach())
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
@@ -375,14 +374,13 @@ def _deepspeed_dualpipev(rank, world, pp):
     import deepspeed
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
     from deepspeed.pipe import DualPipeVModule, LayerSpec, TiedLayerSpec
 
     from moeforge.dualpipe.runtime import PipelineRuntime
     from moeforge.dualpipe.schedule import stage_placement
+    from moeforge.model.loss import cross_entropy, split_window, total_loss
     from moeforge.model.split import build_stages
     from moeforge.model.transformer import Transformer
-    from moeforge.train.data import split_window
 
     args = _args()
     dp, n = WORLD // pp, 2 * pp
@@ -423,13 +421,9 @@ def _deepspeed_dualpipev(rank, world, pp):
         def forward(self, inputs):
             h, r, emb = inputs
             _, tgt, _, mtp_tgt = split_window(r, 1)
-            logits = self.head(self.norm(h))
-            V = logits.size(-1)
-            main = F.cross_entropy(logits.float().view(-1, V), tgt.reshape(-1))
-            x = self.mtp.eh_proj(torch.cat([self.mtp.hnorm(h), self.mtp.enorm(emb)], dim=-1))
-            logits = self.head(self.mtp.norm(self.mtp.block(x, full.angles)))
-            mtp = [F.cross_entropy(logits.float().view(-1, V), mtp_tgt[0].reshape(-1))]
-            return main + (args.mtp_loss_weight / len(mtp)) * sum(mtp)
+            main = cross_entropy(self.head(self.norm(h)), tgt)
+            logits = self.head(self.mtp.norm(self.mtp(h, emb, full.angles)))
+            return total_loss(main, [cross_entropy(logits, mtp_tgt[0])], args.mtp_loss_weight)
 
     specs = ([TiedLayerSpec("embed", Embed)] + [LayerSpec(Block, i) for i in range(args.n_layers)]
              + [TiedLayerSpec("embed", Embed, forward_fn=mtp_embed), LayerSpec(Tail)])

@@ -206,7 +206,7 @@ def test_aux_loss_reaches_router_only_through_autoscaler():
 
 
 def test_mtp_logits_shapes_and_loss_weight():
-    from moeforge.train.loop import lm_losses
+    from moeforge.model.loss import lm_losses
 
     args = tiny(n_mtp_modules=2)
     model = Transformer(args)

@@ -1,10 +1,8 @@
-"""What keeps `moeforge plan` fast, held to what it replaced: simulate() without its checks
-(dualpipe.simulate.step_time), one walk for both activation peaks, libyaml's parser. No timings here."""
+"""What keeps `moeforge plan` fast, held to the slow way: simulate() without its checks (check=False),
+one walk for both activation peaks. No timings here."""
 import random
-from importlib import resources
 
 import pytest
-import yaml
 
 from moeforge import dualpipe
 from moeforge.dualpipe.schedule import SCHEDULES, build_schedule, num_stages
@@ -17,16 +15,16 @@ RECIPE = ["fp8=blockwise", "train.moment_dtype=bfloat16", "parallel.two_hop=true
 
 @pytest.mark.parametrize("overrides", [LAYOUT, LAYOUT + RECIPE], ids=["layout", "recipe"])
 def test_plan_pipeline_is_the_checked_simulators(overrides, monkeypatch):
-    """The plan prices its 16 x 120 action lists with step_time; simulate() accepts the same lists (every
-    check on) and gives the same makespan and bubble, to the last bit, at the plan's own costs."""
+    """The plan prices its 16 x 120 action lists with check=False; they pass every check, and the checked
+    run gives the same makespan and bubble, to the last bit, at the plan's own costs."""
     calls = []
 
-    def recording(sched, costs, wait="batch"):
+    def recording(sched, costs, wait="batch", check=True):
+        assert not check
         calls.append((sched, costs))
-        return step_time(sched, costs, wait)
+        return simulate(sched, costs, wait, check)
 
-    step_time = dualpipe.simulate.step_time
-    monkeypatch.setattr(dualpipe.simulate, "step_time", recording)
+    monkeypatch.setattr(dualpipe.simulate, "simulate", recording)
     cfg, cluster, _ = P.load_plan_config(overrides)
     plan = P.evaluate(cfg, cluster)
     assert len(calls) == len(P.SCHEDULE_ORDER) and plan.n_micro == 120
@@ -59,12 +57,3 @@ def test_one_walk_gives_both_peaks(name):
         peaks = [P._peaks(actions, act) for actions in sched]
         assert [chunks for chunks, _ in peaks] == simulate(sched).peak_activations
         assert [live for _, live in peaks] == [_peak_walk(actions, act) for actions in sched]
-
-
-def test_yaml_loader_reads_conf_as_safe_load():
-    files = [f for d in resources.files("conf").iterdir() if d.is_dir() for f in d.iterdir()]
-    files += [resources.files("conf") / "config.yaml"]
-    texts = [f.read_text() for f in files if f.name.endswith(".yaml")]
-    assert len(texts) > 10
-    for text in texts:
-        assert repr(P._yaml_load(text)) == repr(yaml.safe_load(text))

@@ -5,7 +5,7 @@ import pytest
 
 from moeforge.dualpipe.schedule import Action, build_schedule, num_stages
 from moeforge.dualpipe.simulate import (
-    WAIT_MODES, Costs, ScheduleDeadlock, ScheduleError, bubble_formula, simulate, step_time, to_chrome_trace,
+    WAIT_MODES, Costs, ScheduleDeadlock, ScheduleError, bubble_formula, simulate, to_chrome_trace,
 )
 
 # Unequal costs, so a term counted once too often or too rarely changes the result. B is the
@@ -235,7 +235,7 @@ def test_unmatched_send_is_caught():
         simulate(_two_stage(GOOD_0, GOOD_1), wait="eager")
 
 
-# ---- step_time: simulate's numbers without its checks -----------------------------------------
+# ---- check=False: the same result without the checks ----------------------------------------
 
 @pytest.mark.parametrize("wait", WAIT_MODES)
 @pytest.mark.parametrize("name,pp,n,split", [
@@ -244,32 +244,27 @@ def test_unmatched_send_is_caught():
     ("dualpipe", 2, 4, False), ("dualpipe", 6, 12, False), ("dualpipe", 8, 20, True),
     ("dualpipev", 1, 2, False), ("dualpipev", 4, 9, True), ("dualpipev", 8, 20, False),
 ])
-def test_step_time_equals_simulate(name, pp, n, split, wait):
-    """The same makespan, busy and bubble to the last bit, comm latency or not."""
+def test_unchecked_run_gives_the_same_result(name, pp, n, split, wait):
+    """Timeline, comm batches, messages, makespan and bubble to the last bit, comm latency or not."""
     sched = build_schedule(name, pp, n, split_middle_pair=split) if split else build_schedule(name, pp, n)
     for costs in COSTS + [Costs(F=1.3, B=2.7, W=0.9, FB=3.1, comm=0.37), Costs(F=0.0287, B=0.0322, W=0.0253,
                                                                               FB=0.0862, comm=0.00117)]:
-        want, got = simulate(sched, costs, wait), step_time(sched, costs, wait)
-        assert (got.makespan, got.busy, got.bubble, got.max_bubble) == (
-            want.makespan, want.busy, want.bubble, want.max_bubble)
+        assert simulate(sched, costs, wait, check=False) == simulate(sched, costs, wait)
 
 
-def test_step_time_hands_what_it_cannot_finish_to_simulate():
-    """A deadlock, an unmatched send, a bad peer, an unknown op: simulate's error. A negative cost:
-    simulate's numbers."""
+def test_unchecked_run_still_raises_what_it_cannot_finish():
     deadlock = [("RECV_B", 0, 0, 1), ("F", 0, 0), ("SEND_F", 0, 0, 1), ("BW", 0, 0)]
     with pytest.raises(ScheduleDeadlock, match=r"rank 0: batch \[0RECV_B0<1\] waits on 0RECV_B0<1"):
-        step_time(_two_stage(deadlock, GOOD_1))
+        simulate(_two_stage(deadlock, GOOD_1), check=False)
     with pytest.raises(ScheduleError, match="ranks 0->1: 2 sends but 1 receives"):
-        step_time(_two_stage(GOOD_0 + [("SEND_B", 0, 0, 1)], GOOD_1))
+        simulate(_two_stage(GOOD_0 + [("SEND_B", 0, 0, 1)], GOOD_1), check=False)
     with pytest.raises(ScheduleError, match="bad peer"):
-        step_time(_two_stage([("F", 0, 0), ("SEND_F", 0, 0, 0), ("RECV_B", 0, 0, 1), ("BW", 0, 0)], GOOD_1))
+        simulate(_two_stage([("F", 0, 0), ("SEND_F", 0, 0, 0), ("RECV_B", 0, 0, 1), ("BW", 0, 0)], GOOD_1),
+                 check=False)
     with pytest.raises(ScheduleError, match="unknown op"):
-        step_time(_two_stage(GOOD_0 + [("X", 0, 0)], GOOD_1))
+        simulate(_two_stage(GOOD_0 + [("X", 0, 0)], GOOD_1), check=False)
     with pytest.raises(ValueError, match="wait='eager'"):
-        step_time(_two_stage(GOOD_0, GOOD_1), wait="eager")
-    sched, odd = build_schedule("zb1p", 4, 8), Costs(F=3, B=4, W=-1)
-    assert step_time(sched, odd).bubble == simulate(sched, odd).bubble
+        simulate(_two_stage(GOOD_0, GOOD_1), wait="eager", check=False)
 
 
 # ---- Chrome trace ---------------------------------------------------------------------------

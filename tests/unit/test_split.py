@@ -7,9 +7,9 @@ import torch
 
 from moeforge.dualpipe.stage import Chunk, backward_input, run, stage_forward
 from moeforge.model.args import load_preset
+from moeforge.model.loss import lm_losses, total_loss
 from moeforge.model.split import build_stage, build_stages, stage_blocks, stage_layers
 from moeforge.model.transformer import Transformer
-from moeforge.train.loop import lm_losses
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -108,10 +108,9 @@ def _ref_model(args, n):
 
 def _ref_step(model, rows, n):
     losses = []
-    lam = model.args.mtp_loss_weight
     for r in rows:
         main, mtp = lm_losses(model, r)
-        loss = main + (lam / len(mtp)) * sum(mtp) if mtp else main
+        loss = total_loss(main, mtp, model.args.mtp_loss_weight)
         (loss / n).backward()
         losses.append(loss.detach())
     return losses
