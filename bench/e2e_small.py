@@ -2,7 +2,7 @@
 
     python bench/e2e_small.py [--json PATH] [--steps N] [--smoke]
 
-What runs: train.loop.Trainer (the real training step: forward, backward, clip, AdamW, bias update) on
+What runs: train.trainer.Trainer (the real training step: forward, backward, clip, AdamW, bias update) on
 the stdlib byte corpus, `--warmup` steps (Triton compiles, allocator), then `--steps` timed steps; the
 step time is the trainer's own (it synchronizes the GPU). The job config is built from conf/model/small.yaml
 and the config dataclasses without Hydra (the GPU image has no hydra-core); the equivalent command line
@@ -60,7 +60,7 @@ def job_config(model: str, fp8: bool, backend: str, grouped: bool, seq: int, mbs
 def run_variant(name: str, cfg, warmup: int, steps: int) -> dict:
     from moeforge.fp8.grouped import apply_grouped_experts
     from moeforge.model.flops import train_flops_per_token
-    from moeforge.train.loop import Trainer
+    from moeforge.train.trainer import Trainer
     from moeforge.train.metrics import device_peak_tflops
 
     cuda = cfg.train.device == "cuda"

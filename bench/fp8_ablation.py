@@ -8,12 +8,11 @@
 
 Each arm is the `fp8` arm of bench/fp8_loss.py (model.dtype=bfloat16, fp8=blockwise, emulated) with some
 Linears kept high precision (BF16, like the `bf16` arm). The `hook` entry replaces `fp8.apply_fp8` (the name
-train/loop.py's build_model imports at call time) by the library's apply_fp8 with a wider `exclude`
+train/build.py's build_model looks up at call time) by the library's apply_fp8 with a wider `exclude`
 (the library default plus the variant's names), then runs `launcher.cli train` in the same process. So the
 library defaults are unchanged; apply_fp8's own log line ("high precision: [...]") in each run's log proves
 which Linears stayed BF16.
-    none        the default exclude (head, gate, embeddings): reproduces the `fp8` arm bit for bit (checked
-                2026-11-29 on seed 0: the same loss and grad norm at each of the first 36 steps)
+    none        the default exclude (head, gate, embeddings): the `fp8` arm itself, bit for bit
     no_wo       + every attention output projection `*.attn.wo` (the report keeps its input in E5M6, §3.3.3)
     no_attn     + every Linear of attention (`*.attn.*`: wq_a, wq_b, wkv_a, wkv_b, wo)
     no_experts  + routed and shared experts (`*.ffn.experts.*`, `*.ffn.shared_experts.*`); the arm sets
@@ -88,15 +87,13 @@ def _hp_backward(dgrad_hp: bool, wgrad_hp: bool):
         dx, dw, db, *_ = fp8_backward(ctx, dy) if not (dgrad_hp and wgrad_hp) else (None, None, None)
         x2, weight = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
-        if ctx.store is not None and ctx.store.enabled:
-            raise RuntimeError("fp8_ablation: high-precision backward modes do not support deferred Wgrad")
         if dgrad_hp and ctx.needs_input_grad[0]:
             dx = (dy2 @ weight.to(dy2.dtype)).to(ctx.x_dtype).view(ctx.x_shape)
         if wgrad_hp and ctx.needs_input_grad[1]:
             dw = (dy2.t() @ x2.to(dy2.dtype)).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2] and db is None:
             db = dy2.sum(dim=0, dtype=torch.float32).to(dy.dtype)
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None
 
     if "_fp8_backward" not in linear.Fp8LinearFunction.__dict__:
         linear.Fp8LinearFunction._fp8_backward = staticmethod(fp8_backward)
@@ -108,7 +105,7 @@ BACKWARDS = {"fp8": (False, False), "dgrad_hp": (True, False), "wgrad_hp": (Fals
 
 
 def install(variant: str) -> Callable[[str], bool]:
-    """Make `from fp8 import apply_fp8` (train/loop.py) return apply_fp8 with the variant's exclude.
+    """Make `from fp8 import apply_fp8` (train/build.py) return apply_fp8 with the variant's exclude.
     VARIANT is EXCLUDE or EXCLUDE:BACKWARD (e.g. none:bwd_hp = FP8 Fprop only, Dgrad/Wgrad BF16)."""
     import logging
 
@@ -151,7 +148,7 @@ def install(variant: str) -> Callable[[str], bool]:
                     variant, bwd, "BF16" if dgrad_hp else "FP8", "BF16" if wgrad_hp else "FP8", len(kept), kinds)
         return out
 
-    fp8.apply_fp8 = apply_fp8  # a package global: found before fp8.__getattr__, so train/loop.py imports this
+    fp8.apply_fp8 = apply_fp8  # a package global: found before fp8.__getattr__, so train/build.py finds this
     return exclude
 
 
@@ -198,8 +195,8 @@ def _probe(argv: list[str]) -> None:
     """Noise-free attribution: every arm on the SAME weights (one checkpoint), no training. Per arm: the
     validation loss (the 16 fixed batches of fp8_loss) and the gradient of the training loss on --batches
     train batches, compared with the FP32 model on the same weights (relative L2 error of the gradient,
-    per parameter group). A single 300-step run is chaotic (floor 0.5-2.5%); this measures the per-step
-    perturbation each arm injects, which is what the ablation runs can only see through that noise."""
+    per parameter group). A single 300-step run is chaotic (its floor: docs/fp8.md); this measures the
+    per-step perturbation each arm injects, which is what the ablation runs can only see through that noise."""
     import logging
 
     import torch
@@ -208,7 +205,8 @@ def _probe(argv: list[str]) -> None:
     from moeforge.launcher.config import load_job_config
     from moeforge.train import checkpoint as ck
     from moeforge.train.data import TokenSampler
-    from moeforge.train.loop import build_model, lm_losses
+    from moeforge.model.loss import lm_losses, total_loss
+    from moeforge.train.build import build_model
 
     p = argparse.ArgumentParser(prog="fp8_ablation.py probe")
     p.add_argument("--ckpt", default=str(ROOT / "outputs/fp8_loss/seed0/bf16/checkpoints/step_00000300"))
@@ -244,7 +242,7 @@ def _probe(argv: list[str]) -> None:
         model.zero_grad(set_to_none=True)
         for i in range(a.batches):
             main, mtp = lm_losses(model, tr.batch(cfg.train.steps + 1 + i))
-            loss = main + cfg.model.mtp_loss_weight * sum(mtp) / max(1, len(mtp))
+            loss = total_loss(main, mtp, cfg.model.mtp_loss_weight)
             (loss / a.batches).backward()
         g = {n: q.grad.float().clone() for n, q in model.named_parameters() if q.grad is not None}
         if g32 is None:

@@ -13,17 +13,16 @@ the two) and the mean training loss over the last 50 steps (the same batches in 
   fp32_mb4   fp32 with train.micro_batch_size=4: identical math, only the summation order of the
              gradients changes. Its distance from `fp32` is the run-to-run floor of this comparison:
              any perturbation, however harmless, moves a single run's final loss by about that much.
-  fp8_fp32   fp8=blockwise on the FP32 model (compared with `fp32`): the same FP8 GEMMs; the pair
-             costs about half the bf16/fp8 pair on a CPU without BF16 matmul units (more seeds per hour)
+  fp8_fp32   fp8=blockwise on the FP32 model (compared with `fp32`): the same FP8 GEMMs, and no BF16
+             matmuls, which a CPU without BF16 units runs slowly (more seeds per hour)
   fp8_no_wo, fp8_no_attn, fp8_no_experts, fp8_no_ffn, fp8_pow2, bf16_mb4   the ablation arms of
              bench/fp8_ablation.py (its docstring; the hooked ones run through `fp8_ablation.py hook`)
 Both AdamW moments are BF16 in every arm (train.moment_dtype=bfloat16, the report's setting).
 The default config (tiny, seq 64, 8 sequences per step, lr 1e-3 with warm-up and cosine decay to 10%)
-avoids the loss spikes of tiny's default lr 3e-3 (grad norm up to 50, floor ~1.5% to ~3%), but a single
-300-step run is still chaotic: the measured floor (fp32_mb4 vs fp32) is 0.3% to 3.2% per seed, so a
-few seeds cannot resolve 0.5% here.
+spikes less than tiny's default lr 3e-3, but a single 300-step run is still chaotic: compare the gaps
+with the floor (fp32_mb4 vs fp32) before reading anything into them.
 
-Measured results and the cost of a run are in docs/fp8.md ("Loss vs BF16").
+Results, the floors and the cost of a run are in docs/fp8.md ("Loss vs BF16").
 """
 
 from __future__ import annotations

@@ -18,8 +18,7 @@ Backends (GroupedOps, from Fp8Config.backend):
     cublas   a loop of cuBLAS blockwise GEMMs (torch has no blockwise grouped scaled_mm)
 
 GroupedSwiGLUFunction runs y = w2(silu(w1 x) * w3 x) for all experts of a layer with 3 grouped GEMMs
-forward, 3 Dgrad and 3 Wgrad backward, same math as three Fp8Linear per expert. Wgrad can be deferred
-to a zero-bubble W step through the experts' WeightGradStore, as Fp8Linear's. The per-expert weights
+forward, 3 Dgrad and 3 Wgrad backward, same math as three Fp8Linear per expert. The per-expert weights
 stay separate Parameters (state_dict unchanged): they are stacked per call (a copy of the layer's
 expert weights in forward and again in backward, transient). apply_grouped_experts installs the
 runner on every MoE layer (model.moe.run_experts calls it).
@@ -387,17 +386,6 @@ def get_grouped_ops(backend: str) -> GroupedOps:
 
 # ---- autograd ---------------------------------------------------------------------------------------
 
-def _accumulate(weights, dws) -> None:
-    with torch.no_grad():
-        for w, dw in zip(weights, dws):
-            if dw is None:
-                continue
-            if w.grad is None:
-                w.grad = dw
-            else:
-                w.grad += dw
-
-
 class GroupedSwiGLUFunction(torch.autograd.Function):
     """ys = w2[g](silu(w1[g] x) * w3[g] x) for the rows of each group g; weights = (*w1s, *w3s, *w2s), G each.
 
@@ -406,7 +394,7 @@ class GroupedSwiGLUFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xs, layout: GroupedLayout, ops: GroupedOps, cfg: Fp8Config, store, *weights):
+    def forward(ctx, xs, layout: GroupedLayout, ops: GroupedOps, cfg: Fp8Config, *weights):
         G = len(layout.counts)
         if len(weights) != 3 * G:
             raise ValueError(f"expected 3 x {G} expert weights (w1s, w3s, w2s), got {len(weights)}")
@@ -418,13 +406,13 @@ class GroupedSwiGLUFunction(torch.autograd.Function):
         hq, hs = ops.swiglu_quant(h1, h3, layout, bs, p2)
         y = ops.gemm(hq, hs, *w2, layout, bs, dt)  # (M_pad, D)
         ctx.save_for_backward(xs, h1, h3, *weights)
-        ctx.layout, ctx.ops, ctx.cfg, ctx.store = layout, ops, cfg, store
+        ctx.layout, ctx.ops, ctx.cfg = layout, ops, cfg
         return layout.unpad(y)
 
     @staticmethod
     def backward(ctx, dy):
         xs, h1, h3, *weights = ctx.saved_tensors
-        layout, ops, cfg, store = ctx.layout, ctx.ops, ctx.cfg, ctx.store
+        layout, ops = ctx.layout, ctx.ops
         G, bs, p2 = len(layout.counts), ctx.cfg.block, ctx.cfg.power_of_2_scales
         wsets = [weights[i * G:(i + 1) * G] for i in range(3)]  # w1s, w3s, w2s
 
@@ -444,22 +432,17 @@ class GroupedSwiGLUFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = layout.unpad(dgrad(dh1, wsets[0], xs.dtype) + dgrad(dh3, wsets[1], xs.dtype))
 
-        def wgrads():  # dW[g] = dY[g].T @ X[g], both 128 x 1 along the tokens of g
+        dws = [None] * (3 * G)
+        if any(ctx.needs_input_grad[4:]):  # dW[g] = dY[g].T @ X[g], both 128 x 1 along the tokens of g
             xq_t = ops.permute_quant(xs, layout, bs, p2, True)
             dw1 = ops.gemm_wgrad(*ops.dense.act_quant_t(dh1, bs, p2), *xq_t, layout, bs)
             dw3 = ops.gemm_wgrad(*ops.dense.act_quant_t(dh3, bs, p2), *xq_t, layout, bs)
             dw2 = ops.gemm_wgrad(*ops.permute_quant(dy, layout, bs, p2, True), *ops.dense.act_quant_t(h, bs, p2),
                                  layout, bs)
-            return [dw[g].to(w.dtype) if layout.counts[g] else None
-                    for dw, ws in zip((dw1, dw3, dw2), wsets) for g, w in enumerate(ws)]
-
-        dws = [None] * (3 * G)
-        if any(ctx.needs_input_grad[5:]):
-            if store is not None and store.enabled:  # the W step of a zero-bubble schedule runs it later
-                store.put(lambda: _accumulate(weights, wgrads()))
-            else:
-                dws = [dw if need else None for dw, need in zip(wgrads(), ctx.needs_input_grad[5:])]
-        return (dx, None, None, None, None, *dws)
+            dws = [dw[g].to(w.dtype) if layout.counts[g] else None
+                   for dw, ws in zip((dw1, dw3, dw2), wsets) for g, w in enumerate(ws)]
+            dws = [dw if need else None for dw, need in zip(dws, ctx.needs_input_grad[4:])]
+        return (dx, None, None, None, *dws)
 
 
 # ---- the runner model.moe.run_experts calls ---------------------------------------------------------
@@ -469,31 +452,25 @@ def _is_swiglu_expert(m: nn.Module) -> bool:
 
 
 class GroupedExperts:
-    """One MoE layer's routed experts as one GroupedSwiGLUFunction: `run_grouped(mlps, xs, counts)`.
+    """One MoE layer's routed experts as one GroupedSwiGLUFunction: `run_grouped(mlps, xs, counts)`."""
 
-    Deferred Wgrad goes to `wgrad_store` if given, else to the store of the experts' Fp8Linear (the one
-    fp8.set_wgrad_store points them at), read at every call.
-    """
-
-    def __init__(self, cfg: Fp8Config, wgrad_store=None) -> None:
+    def __init__(self, cfg: Fp8Config) -> None:
         self.cfg = cfg
         self.ops = get_grouped_ops(cfg.backend)
-        self.wgrad_store = wgrad_store
         self.align = max(ALIGN, cfg.block)
 
     def __call__(self, mlps: list[nn.Module], xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         if len(mlps) != len(counts) or xs.dim() != 2 or xs.size(0) != sum(counts):
             raise ValueError(f"{len(mlps)} experts, {len(counts)} counts (sum {sum(counts)}), xs {tuple(xs.shape)}")
         weights = [getattr(m, name).weight for name in ("w1", "w3", "w2") for m in mlps]
-        store = self.wgrad_store if self.wgrad_store is not None else getattr(mlps[0].w1, "wgrad_store", None)
         layout = GroupedLayout.build(counts, xs.device, self.align)
-        return GroupedSwiGLUFunction.apply(xs, layout, self.ops, self.cfg, store, *weights)
+        return GroupedSwiGLUFunction.apply(xs, layout, self.ops, self.cfg, *weights)
 
     def __repr__(self) -> str:
         return f"GroupedExperts(backend={self.ops.name}, block={self.cfg.block}, align={self.align})"
 
 
-def apply_grouped_experts(model: nn.Module, cfg: Fp8Config, *, wgrad_store=None, exclude=None) -> int:
+def apply_grouped_experts(model: nn.Module, cfg: Fp8Config, *, exclude=None) -> int:
     """Install a GroupedExperts on the `experts` ModuleDict of every MoE layer when cfg.enabled and
     cfg.grouped_experts (else remove any): returns how many layers run grouped. Parameters, state_dict
     and the module tree are untouched; works before or after materialization, before or after apply_ep.
@@ -509,7 +486,7 @@ def apply_grouped_experts(model: nn.Module, cfg: Fp8Config, *, wgrad_store=None,
             kept = exclude is not None and any(exclude(f"{prefix}.{k}.{w}")
                                                for k in experts for w in ("w1", "w2", "w3"))
             layer_on = on and not kept
-            experts.run_grouped = GroupedExperts(cfg, wgrad_store) if layer_on else None
+            experts.run_grouped = GroupedExperts(cfg) if layer_on else None
             n += layer_on
     logger.info("fp8: routed experts of %d MoE layers run as grouped FP8 GEMMs (backend=%s)", n, cfg.backend)
     return n

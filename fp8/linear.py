@@ -1,5 +1,4 @@
-"""Fp8Linear: nn.Linear whose three GEMMs run in blockwise FP8, apply_fp8 (the module swap), and the
-deferred weight gradient for zero-bubble pipeline schedules.
+"""Fp8Linear: nn.Linear whose three GEMMs run in blockwise FP8, and apply_fp8 (the module swap).
 
   Fprop  Y  = X  @ W.T    X: 1 x 128 tiles (per token)      W: 128 x 128 blocks
   Dgrad  dX = dY @ W      dY: 1 x 128 tiles (per token)     W: the same 128 x 128 blocks, transposed
@@ -9,9 +8,7 @@ deferred weight gradient for zero-bubble pipeline schedules.
 from __future__ import annotations
 
 import logging
-from collections import deque
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -22,57 +19,6 @@ from moeforge.fp8.gemm import Fp8Ops, check_backend, get_ops
 logger = logging.getLogger("moeforge.fp8")
 
 
-class WeightGradStore:
-    """Deferred Wgrad work for one pipeline runtime (DualPipe's W), owned by that instance, never global.
-
-    While `deferring()` is active, every Fp8Linear backward that holds this store computes dX at once and
-    queues a closure for dW instead of returning it. `flush()` closes one backward step (its closures
-    become one W action), `pop()` runs the oldest W action, which adds dW into `weight.grad`.
-    """
-
-    def __init__(self) -> None:
-        self.enabled = False
-        self._pending: list[Callable[[], None]] = []
-        self._queue: deque[list[Callable[[], None]]] = deque()
-
-    @contextmanager
-    def deferring(self) -> Iterator["WeightGradStore"]:
-        prev, self.enabled = self.enabled, True
-        try:
-            yield self
-        finally:
-            self.enabled = prev
-
-    def put(self, fn: Callable[[], None]) -> None:
-        self._pending.append(fn)
-
-    def flush(self) -> None:
-        self._queue.append(self._pending)
-        self._pending = []
-
-    def pop(self) -> None:
-        if not self._queue:
-            raise RuntimeError(f"WeightGradStore.pop(): no W action queued ({len(self._pending)} pending, call flush())")
-        for fn in self._queue.popleft():
-            fn()
-
-    def run_all(self) -> None:
-        if self._pending:
-            self.flush()
-        while self._queue:
-            self.pop()
-
-    def clear(self) -> None:
-        self._pending, self._queue = [], deque()
-
-    @property
-    def num_pending(self) -> int:
-        return len(self._pending)
-
-    def __len__(self) -> int:
-        return len(self._queue)
-
-
 def _wgrad(dy2: torch.Tensor, x2: torch.Tensor, ops: Fp8Ops, cfg: Fp8Config, dtype: torch.dtype) -> torch.Tensor:
     """dW = dY.T @ X with both quantized 128 x 1 along the tokens, accumulated in FP32."""
     gq_t, gs_t = ops.act_quant_t(dy2, cfg.block, cfg.power_of_2_scales)  # (N, T), (N, T/128)
@@ -80,20 +26,11 @@ def _wgrad(dy2: torch.Tensor, x2: torch.Tensor, ops: Fp8Ops, cfg: Fp8Config, dty
     return ops.gemm(gq_t, gs_t, xq_t, xs_t, cfg.block, torch.float32).to(dtype)
 
 
-def _accumulate_wgrad(weight: torch.Tensor, compute: Callable[[], torch.Tensor]) -> None:
-    with torch.no_grad():
-        dw = compute()
-        if weight.grad is None:
-            weight.grad = dw
-        else:
-            weight.grad += dw
-
-
 class Fp8LinearFunction(torch.autograd.Function):
     """y = x @ W.T (+ b) with FP8 Fprop/Dgrad/Wgrad. Saves x and W (master dtype); the FP8 copies are transient."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, ops: Fp8Ops, cfg: Fp8Config, store: WeightGradStore | None):
+    def forward(ctx, x, weight, bias, ops: Fp8Ops, cfg: Fp8Config):
         x2 = x.reshape(-1, x.shape[-1])
         xq, xs = ops.act_quant(x2, cfg.block, cfg.power_of_2_scales)
         wq, ws = ops.weight_quant(weight, cfg.block, cfg.power_of_2_scales)
@@ -101,36 +38,31 @@ class Fp8LinearFunction(torch.autograd.Function):
         if bias is not None:
             y = y + bias.to(y.dtype)
         ctx.save_for_backward(x2, weight)
-        ctx.ops, ctx.cfg, ctx.store = ops, cfg, store
+        ctx.ops, ctx.cfg = ops, cfg
         ctx.x_shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight = ctx.saved_tensors
-        ops, cfg, store = ctx.ops, ctx.cfg, ctx.store
+        ops, cfg = ctx.ops, ctx.cfg
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = db = None
         if ctx.needs_input_grad[0]:  # Dgrad: W's 128 x 128 blocks are the same read transposed
             gq, gs = ops.act_quant(dy2, cfg.block, cfg.power_of_2_scales)
             wq, ws = ops.weight_quant(weight, cfg.block, cfg.power_of_2_scales)
             dx = ops.gemm(gq, gs, wq.t(), ws.t(), cfg.block, ctx.x_dtype).view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:  # Wgrad, now or queued for the W step of a zero-bubble schedule
-            compute = lambda: _wgrad(dy2, x2, ops, cfg, weight.dtype)  # noqa: E731
-            if store is not None and store.enabled:
-                store.put(lambda: _accumulate_wgrad(weight, compute))
-            else:
-                dw = compute()
+        if ctx.needs_input_grad[1]:  # Wgrad
+            dw = _wgrad(dy2, x2, ops, cfg, weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(dim=0, dtype=torch.float32).to(dy.dtype)
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None
 
 
 class Fp8Linear(nn.Linear):
     """nn.Linear (same parameters, same state_dict keys) computing its GEMMs in blockwise FP8.
 
     It stays an nn.Linear subclass so code that initializes or inspects Linears keeps working.
-    `wgrad_store` (owned by a pipeline runtime) defers dW while the store is `deferring()`.
     """
 
     def __init__(
@@ -142,30 +74,23 @@ class Fp8Linear(nn.Linear):
         dtype=None,
         *,
         config: Fp8Config = Fp8Config(enabled=True),
-        wgrad_store: WeightGradStore | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
         self.config = config
         self.ops = get_ops(config.backend)
-        self.wgrad_store = wgrad_store
 
     @classmethod
-    def from_linear(
-        cls, linear: nn.Linear, config: Fp8Config, wgrad_store: WeightGradStore | None = None
-    ) -> "Fp8Linear":
+    def from_linear(cls, linear: nn.Linear, config: Fp8Config) -> "Fp8Linear":
         """Wrap `linear`'s own Parameter objects (no copy), so meta and materialized models both work."""
         with torch.device("meta"):
-            new = cls(
-                linear.in_features, linear.out_features, bias=linear.bias is not None,
-                config=config, wgrad_store=wgrad_store,
-            )
+            new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, config=config)
         new.weight = linear.weight
         new.bias = linear.bias
         new.train(linear.training)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return Fp8LinearFunction.apply(x, self.weight, self.bias, self.ops, self.config, self.wgrad_store)
+        return Fp8LinearFunction.apply(x, self.weight, self.bias, self.ops, self.config)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fp8={self.ops.name}"
@@ -182,7 +107,6 @@ def apply_fp8(
     cfg: Fp8Config,
     *,
     exclude: Callable[[str], bool] = default_exclude,
-    wgrad_store: WeightGradStore | None = None,
 ) -> nn.Module:
     """Swap, in place, every module of type exactly nn.Linear whose qualified name `exclude` does not
     match for an Fp8Linear (subclasses, Fp8Linear included, are left alone, so a second call is a no-op).
@@ -207,12 +131,12 @@ def apply_fp8(
                     targets.append((mod, name, child))
     for parent, name, child in targets:
         if id(child) not in swapped:
-            swapped[id(child)] = Fp8Linear.from_linear(child, cfg, wgrad_store)
+            swapped[id(child)] = Fp8Linear.from_linear(child, cfg)
         setattr(parent, name, swapped[id(child)])
     if cfg.grouped_experts:  # routed experts: one grouped FP8 call per projection (same bits on emulate)
         from moeforge.fp8.grouped import apply_grouped_experts
 
-        apply_grouped_experts(model, cfg, wgrad_store=wgrad_store, exclude=exclude)
+        apply_grouped_experts(model, cfg, exclude=exclude)
     logger.info(
         "fp8: backend=%s, %d nn.Linear -> Fp8Linear (blocks 1x%d / %dx%d, power_of_2_scales=%s); high precision: %s",
         cfg.backend, len(swapped), cfg.act_block, cfg.weight_block, cfg.weight_block, cfg.power_of_2_scales,
@@ -220,10 +144,3 @@ def apply_fp8(
     )
     return model
 
-
-def set_wgrad_store(model: nn.Module, store: WeightGradStore | None) -> int:
-    """Point every Fp8Linear of `model` at `store` (a runtime calls this on its stages); returns how many."""
-    mods = [m for m in model.modules() if isinstance(m, Fp8Linear)]
-    for m in mods:
-        m.wgrad_store = store
-    return len(mods)

@@ -27,3 +27,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def interpreted(request):
+    """The test file's `_worker()` dict, computed once under TRITON_INTERPRET=1 in a fresh process
+    (tests/_helpers.run_interpreted); skips when triton is not installed."""
+    from _helpers import run_interpreted
+
+    return run_interpreted(request.module.__file__)

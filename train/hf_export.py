@@ -21,23 +21,25 @@ that do not know MTP ignore it. Rotary dimensions stay in DeepSeek's interleaved
 (`rope_interleave: true`), as in the official weights. config.json carries HF's field names and, under
 "moeforge", our ModelArgs, so an import restores fields HF has no name for.
 
-Safetensors are written and read here (the format is an 8-byte little-endian header length, a JSON
-header {name: {dtype, shape, data_offsets}}, then the raw little-endian bytes), so no extra package is
-needed; reading memory-maps each file. Export streams: one output shard of tensors is read from the
-DCP checkpoint at a time.
+HF's DeepseekV3ForCausalLM hard-codes two things our ModelArgs can vary: it always routes with sigmoid
+scores, and its q_a_layernorm/kv_a_layernorm always use eps 1e-6 (so does DeepSeek's inference/model.py;
+our MLA uses norm_eps). Export refuses a model that differs there rather than write one that loads and
+computes something else. tests/unit/test_hf_export.py loads the export with transformers and compares
+its logits with ours.
+
+The files are written and read with the `safetensors` package. Export streams: one output shard of
+tensors is read from the DCP checkpoint at a time.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import struct
 from dataclasses import asdict, fields
 from pathlib import Path
 
-import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from moeforge.model.args import ModelArgs
 
@@ -51,12 +53,6 @@ SEGMENTS = {
     "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj",
 }
 SEGMENTS_BACK = {v: k for k, v in SEGMENTS.items()}
-DTYPES = {  # safetensors dtype names
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
-DTYPES_BACK = {v: k for k, v in DTYPES.items()}
 
 
 def _block_to_hf(rest: str) -> str:
@@ -134,8 +130,12 @@ def from_hf_name(name: str, n_layers: int) -> str | None:
 
 
 def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
+    if args.score_func != "sigmoid":
+        raise ValueError(f"model.score_func={args.score_func!r}: DeepseekV3ForCausalLM routes with sigmoid scores only")
+    if args.norm_eps != 1e-6:
+        raise ValueError(f"model.norm_eps={args.norm_eps}: DeepseekV3ForCausalLM fixes the eps of q_a_layernorm and "
+                         "kv_a_layernorm at 1e-6, so the exported model would compute other logits")
     yarn = args.max_seq_len > args.original_seq_len  # our MLA applies YaRN (and its mscale) only then
-    sigmoid = args.score_func == "sigmoid"
     return {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
@@ -156,8 +156,8 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
         "first_k_dense_replace": args.n_dense_layers,
         "moe_layer_freq": 1,
         "scoring_func": args.score_func,
-        "topk_method": "noaux_tc" if sigmoid else ("group_limited_greedy" if args.n_expert_groups > 1 else "greedy"),
-        "norm_topk_prob": sigmoid,
+        "topk_method": "noaux_tc",
+        "norm_topk_prob": True,
         "aux_loss_alpha": args.seq_aux_loss_alpha,
         "seq_aux": True,
         "q_lora_rank": args.q_lora_rank or None,
@@ -214,53 +214,6 @@ def args_from_hf_config(cfg: dict, name: str | None = None) -> ModelArgs:
     )
 
 
-# --------------------------------------------------------------------------------------------------
-# safetensors
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    header, offset = {}, 0
-    items = sorted(tensors.items())
-    for name, t in items:
-        if t.dtype not in DTYPES:
-            raise TypeError(f"{name}: dtype {t.dtype} has no safetensors name")
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    header["__metadata__"] = {"format": "pt", **(metadata or {})}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for _, t in items:
-            if t.numel():
-                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    os.replace(tmp, path)
-
-
-def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of one .safetensors file, memory-mapped (copy-on-write: nothing is read until used)."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    size, base, out = path.stat().st_size, 8 + n, {}
-    for name, info in header.items():
-        a, b = info["data_offsets"]
-        if not 0 <= a <= b <= size - base:
-            raise ValueError(f"{path}: {name} data_offsets {a}:{b} outside the file")
-        dtype = DTYPES_BACK[info["dtype"]]
-        if b == a:
-            out[name] = torch.empty(info["shape"], dtype=dtype)
-            continue
-        raw = np.memmap(path, dtype=np.uint8, mode="c", offset=base + a, shape=(b - a,))
-        out[name] = torch.from_numpy(raw).view(dtype).reshape(info["shape"])
-    return out
-
-
 def hf_files(hf_dir: Path) -> list[Path]:
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
@@ -296,12 +249,16 @@ def export_hf(path: str | Path, out_dir: str | Path, dtype: str = "auto", shard_
     manifest = ckpt.read_manifest(path)
     known = {f.name for f in fields(ModelArgs)}
     args = ModelArgs(**{k: v for k, v in ((manifest.get("config") or {}).get("model") or {}).items() if k in known})
+    if dtype != "auto":  # the exported weights are the model now
+        args = ModelArgs(**{**asdict(args), "dtype": dtype})
+    config = hf_config(args, getattr(torch, args.dtype))  # first: it refuses what HF cannot compute
     index = {k[len("model."):]: v for k, v in ckpt.saved_tensors(path).items() if k.startswith("model.")}
     target = None if dtype == "auto" else getattr(torch, dtype)
     plan: list[tuple[str, str]] = []  # (hf name, our key), in a stable order
     for key in sorted(index):
         plan += [(hf, key) for hf in to_hf_names(key, args.n_layers)]
-    plan += sorted(shared_mtp_names(args.n_layers, args.n_mtp_modules).items())
+    copies = shared_mtp_names(args.n_layers, args.n_mtp_modules)
+    plan += sorted(copies.items())
     plan.sort()
 
     def out_dtype(hf: str, key: str) -> torch.dtype:
@@ -323,17 +280,15 @@ def export_hf(path: str | Path, out_dir: str | Path, dtype: str = "auto", shard_
     weight_map, total = {}, 0
     for fname, shard in zip(names, shards):
         tensors = ckpt.read_tensors(path, sorted({f"model.{k}" for _, k in shard}), verify_first=False)
-        part = {hf: tensors[f"model.{key}"].to(out_dtype(hf, key)) for hf, key in shard}
-        save_safetensors(part, out / fname)
+        # save_file refuses tensors that share memory: the MTP layers' embedding/head get their own copy
+        part = {hf: tensors[f"model.{key}"].to(out_dtype(hf, key), copy=hf in copies) for hf, key in shard}
+        save_file(part, out / fname, metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in part.values())
         weight_map.update({hf: fname for hf in part})
         del tensors, part
     if len(shards) > 1:
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=1))
-    if target is not None:  # the exported weights are the model now
-        args = ModelArgs(**{**asdict(args), "dtype": dtype})
-    config = hf_config(args, getattr(torch, args.dtype))
     config["moeforge_checkpoint"] = {"step": manifest.get("step"), "tokens_seen": manifest.get("tokens_seen"),
                                      "code": manifest.get("code")}
     (out / "config.json").write_text(json.dumps(config, indent=1))
@@ -355,7 +310,7 @@ def import_hf(hf_dir: str | Path, out_root: str | Path, step: int = 0, name: str
         args = ModelArgs(**{**asdict(args), "dtype": dtype})
     state, shared = {}, {}
     for f in hf_files(hf_dir):
-        for hf, t in load_safetensors(f).items():
+        for hf, t in load_file(f).items():
             if hf.endswith("_scale_inv"):
                 raise ValueError(f"{f}: {hf} is an FP8 scale; dequantize the checkpoint to BF16 first")
             key = from_hf_name(hf, args.n_layers)
@@ -363,7 +318,7 @@ def import_hf(hf_dir: str | Path, out_root: str | Path, step: int = 0, name: str
                 shared[hf] = t
                 continue
             want = torch.float32 if key.endswith("gate.bias") else getattr(torch, args.dtype)
-            state[f"model.{key}"] = t.to(want) if t.dtype != want else t
+            state[f"model.{key}"] = t.to(want)
     for hf, key in shared_mtp_names(args.n_layers, args.n_mtp_modules).items():
         if hf in shared and not torch.equal(shared[hf].to(state[f"model.{key}"].dtype), state[f"model.{key}"]):
             log(f"ckpt import: {hf} differs from {key}; moeforge shares one tensor and keeps {key}")

@@ -1,61 +1,9 @@
-"""The GPU preflight against a fake NVML (pynvml's names, constants and exceptions; our answers)."""
-import types
-
+"""The GPU preflight against a fake NVML (tests/_helpers.fake_nvml; faults on GPU 1)."""
 import pynvml
 import pytest
+from _helpers import fake_nvml
 
 from moeforge.launcher.doctor import NO_GPU, doctor, gpu_report
-
-
-def fake_nvml(n_gpus=2, free_gib=70, ecc=0, pages=0, pending=0, remap=(0, 0, 0, 0), xids=(),
-              unsupported=(), init_error=None):
-    """A module-like object answering like pynvml; queries in `unsupported` raise NVMLError_NotSupported."""
-    m = types.SimpleNamespace()
-    for name in dir(pynvml):  # constants and exception classes
-        if name.startswith(("NVML_", "NVMLError", "nvmlEventType")):
-            setattr(m, name, getattr(pynvml, name))
-    calls = []
-
-    def q(name, value):
-        def fn(*args):
-            calls.append(name)
-            if name in unsupported:
-                raise pynvml.NVMLError_NotSupported(pynvml.NVML_ERROR_NOT_SUPPORTED)
-            return value(*args) if callable(value) else value
-        setattr(m, name, fn)
-
-    def init():
-        calls.append("nvmlInit")
-        if init_error is not None:
-            raise init_error
-
-    m.nvmlInit = init
-    q("nvmlShutdown", None)
-    q("nvmlSystemGetDriverVersion", "570.86.15")
-    q("nvmlSystemGetCudaDriverVersion", 12080)
-    q("nvmlDeviceGetCount", n_gpus)
-    q("nvmlDeviceGetHandleByIndex", lambda i: f"h{i}")
-    q("nvmlDeviceGetName", "NVIDIA H100 80GB HBM3")
-    q("nvmlDeviceGetUUID", lambda h: f"GPU-{h}")
-    q("nvmlDeviceGetMemoryInfo", types.SimpleNamespace(total=80 * 2**30, free=free_gib * 2**30, used=0))
-    q("nvmlDeviceGetTotalEccErrors", lambda h, t, c: ecc if h == "h1" else 0)
-    q("nvmlDeviceGetRetiredPages", lambda h, cause: [0x1000] * pages if h == "h1" else [])
-    q("nvmlDeviceGetRetiredPagesPendingStatus", lambda h: pending if h == "h1" else 0)
-    q("nvmlDeviceGetRemappedRows", lambda h: remap if h == "h1" else (0, 0, 0, 0))
-    events = [types.SimpleNamespace(device="h1", eventData=x, eventType=pynvml.nvmlEventTypeXidCriticalError)
-              for x in xids]
-    q("nvmlEventSetCreate", "es")
-    q("nvmlDeviceRegisterEvents", None)
-    q("nvmlEventSetFree", None)
-
-    def wait(es, ms):
-        calls.append("nvmlEventSetWait")
-        if events:
-            return events.pop(0)
-        raise pynvml.NVMLError_Timeout(pynvml.NVML_ERROR_TIMEOUT)
-    m.nvmlEventSetWait = wait
-    m.calls = calls
-    return m
 
 
 def test_no_driver_says_cpu_gloo_and_goes_on(capsys):
@@ -74,7 +22,7 @@ def test_real_pynvml_on_this_machine(capsys):
 
 
 def test_healthy_node_report(capsys):
-    nvml = fake_nvml(n_gpus=2)
+    nvml = fake_nvml(n_gpus=2, free_gib=70)
     rep = gpu_report(nvml, nproc_per_node=2)
     assert rep.available and rep.driver == "570.86.15" and rep.cuda_driver == "12.8"
     assert [g.index for g in rep.gpus] == [0, 1] and rep.gpus[0].memory_free == 70 * 2**30
@@ -91,7 +39,7 @@ def test_more_workers_than_gpus_is_a_problem():
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    (dict(ecc=3), "GPU 1: 3 uncorrected ECC error(s)"),
+    (dict(ecc=(3,)), "GPU 1: 3 uncorrected ECC error(s)"),
     (dict(pending=1), "GPU 1: retired pages pending"),
     (dict(remap=(0, 1, 0, 1)), "GPU 1: row remapping failed"),
     (dict(remap=(0, 1, 1, 0)), "GPU 1: row remap pending"),

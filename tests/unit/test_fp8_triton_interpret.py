@@ -1,8 +1,8 @@
 """fp8/kernels.py (Triton) vs fp8/reference.py, run on CPU by the Triton interpreter (TRITON_INTERPRET=1).
 
 The interpreter must be on before the kernels are decorated, and another test may already have imported
-triton in this process, so the checks run once in a fresh subprocess (this file run as a script) and
-each test below asserts on its part of the result.
+triton in this process, so `_worker()` runs once in a fresh process (the `interpreted` fixture,
+tests/_helpers.run_interpreted) and each test below asserts on its part of the result.
 
 What is compared, and how strictly:
   - quantizers: scales bitwise; the codes bitwise after torch casts the kernel's pre-cast values
@@ -11,11 +11,6 @@ What is compared, and how strictly:
   - GEMM: fed torch-quantized fp8 operands; relative Frobenius difference < 1e-6 from the emulate
     reference (both accumulate in FP32; they differ only in summation order, ~1e-7).
 """
-
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -123,32 +118,19 @@ def _worker() -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def results():
-    # one intra-op thread: the worker is Python-bound, and spare threads only spin on a loaded 2-core box
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__)], env=env, cwd=root, capture_output=True, text=True, timeout=240
-    )
-    assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def _items(results, prefix):
     items = {k: v for k, v in results.items() if k.startswith(prefix)}
     assert items, f"no results under {prefix}"
     return items
 
 
-def test_quantizers_bitwise(results):
-    for name, r in _items(results, "quant/").items():
+def test_quantizers_bitwise(interpreted):
+    for name, r in _items(interpreted, "quant/").items():
         assert all(r.values()), (name, r)
 
 
-def test_gemm_matches_emulate(results):
-    items = {k: v for k, v in _items(results, "gemm/").items() if "rel_emulate" in v}
+def test_gemm_matches_emulate(interpreted):
+    items = {k: v for k, v in _items(interpreted, "gemm/").items() if "rel_emulate" in v}
     assert len(items) == 8
     for name, r in items.items():
         assert r["shape"] and r["dtype"] == "torch.float32", (name, r)
@@ -156,13 +138,8 @@ def test_gemm_matches_emulate(results):
         assert r["rel_blockwise"] < GEMM_TOL, (name, r)
 
 
-def test_gemm_nan_inf_and_empty(results):
-    r = results["gemm/nan_inf"]
+def test_gemm_nan_inf_and_empty(interpreted):
+    r = interpreted["gemm/nan_inf"]
     assert r["rows"] == [3, 7] and r["nan_row"] and r["finite_elsewhere"] and r["nan_cols"], r
-    assert results["gemm/k0"]["zero"]
+    assert interpreted["gemm/k0"]["zero"]
 
-
-if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        sys.exit("run under TRITON_INTERPRET=1 (the test fixture does this)")
-    print(json.dumps(_worker()))

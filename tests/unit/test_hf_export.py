@@ -1,17 +1,16 @@
-"""Hugging Face DeepSeek-V3 export/import: names, config.json, safetensors bytes, round trip, CLI."""
+"""Hugging Face DeepSeek-V3 export/import: names, config.json, logits under transformers, round trip, CLI."""
 import json
-import struct
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from moeforge.launcher.ckpt import add_ckpt_parser
 from moeforge.model.args import ModelArgs
 from moeforge.model.transformer import Transformer
 from moeforge.train import checkpoint as ckpt
-from moeforge.train.hf_export import (args_from_hf_config, export_hf, from_hf_name, import_hf, load_safetensors,
-                             save_safetensors, to_hf_names)
+from moeforge.train.hf_export import args_from_hf_config, export_hf, from_hf_name, import_hf, to_hf_names
 
 ARGS = ModelArgs(name="tiny-test", dim=64, inter_dim=96, n_layers=3, n_dense_layers=1, n_heads=2, q_lora_rank=32,
                  kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, moe_inter_dim=32,
@@ -27,14 +26,17 @@ def _model(args=ARGS):
     return m
 
 
+def _save(root, m):
+    state = {f"model.{k}": v for k, v in m.state_dict().items()}
+    state["train.step"] = torch.tensor(7)
+    return ckpt.save(root, 7, state, {"tokens_seen": 123, "config": {"model": asdict(m.args)},
+                                      "layout": {"world_size": 1, "pp": 1, "dp": 1, "ep": 1, "edp": 1}})
+
+
 @pytest.fixture
 def saved(tmp_path):
     m = _model()
-    state = {f"model.{k}": v for k, v in m.state_dict().items()}
-    state["train.step"] = torch.tensor(7)
-    path = ckpt.save(tmp_path / "ck", 7, state, {"tokens_seen": 123, "config": {"model": asdict(ARGS)},
-                                                  "layout": {"world_size": 1, "pp": 1, "dp": 1, "ep": 1, "edp": 1}})
-    return m, path
+    return m, _save(tmp_path / "ck", m)
 
 
 def _cli(*argv):
@@ -81,31 +83,52 @@ def test_names_follow_hugging_face_deepseek_v3():
     assert len(set(names)) == len(names)
 
 
-def test_safetensors_layout(tmp_path):
-    t = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
-         "c": torch.tensor(7, dtype=torch.int64), "e": torch.empty(0, 4)}
-    save_safetensors(t, tmp_path / "x.safetensors", {"k": "v"})
-    raw = (tmp_path / "x.safetensors").read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
-    assert (8 + n) % 8 == 0 and header["__metadata__"] == {"format": "pt", "k": "v"}
-    assert header["a"] == {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}
-    assert header["b"]["dtype"] == "BF16" and header["c"]["shape"] == []
-    spans = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
-    assert spans[0][0] == 0 and all(x[1] == y[0] for x, y in zip(spans, spans[1:])) and spans[-1][1] == len(raw) - 8 - n
-    assert struct.unpack("<6f", raw[8 + n:8 + n + 24]) == tuple(range(6))  # little-endian, row-major
-    back = load_safetensors(tmp_path / "x.safetensors")
-    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in t.items())
+# init_std 0.05 (not 0.006) so that every layer moves the logits: at 0.006 the residual stream is
+# nearly the embedding, and a wrong YaRN beta or mscale moved the logits by 1e-6 to 4e-6 only.
+# "yarn": our MLA applies YaRN only when max_seq_len > original_seq_len; 32 rope dims, so that the
+# ramp between beta_fast and beta_slow spans several frequencies (with 8 it moved in whole steps only).
+HF_CASES = {
+    "q_lora": replace(ARGS, init_std=0.05),
+    "yarn_no_q_lora": replace(ARGS, init_std=0.05, q_lora_rank=0, qk_rope_head_dim=32, max_seq_len=2048,
+                              original_seq_len=1024, rope_factor=4.0, mscale=0.707, rope_theta=50000.0,
+                              route_scale=1.5),
+}
 
 
-def test_safetensors_readable_by_the_reference_library(tmp_path):
-    st = pytest.importorskip("safetensors.torch")
-    t = {"w": torch.randn(3, 5), "b": torch.randn(4).to(torch.bfloat16)}
-    save_safetensors(t, tmp_path / "x.safetensors")
-    back = st.load_file(str(tmp_path / "x.safetensors"))
-    assert all(torch.equal(back[k], v) for k, v in t.items())
-    st.save_file(t, str(tmp_path / "y.safetensors"))
-    assert all(torch.equal(load_safetensors(tmp_path / "y.safetensors")[k], v) for k, v in t.items())
+@pytest.mark.parametrize("case", HF_CASES)
+def test_transformers_loads_the_export_and_gives_our_logits(case, tmp_path):
+    """DeepseekV3ForCausalLM.from_pretrained(export) computes our Transformer's logits.
+
+    Tolerance: atol 1e-5 on float32 logits of std ~0.4. Both sides do the same math in another order
+    (HF rotates de-interleaved rope pairs, loops over experts, runs its own attention): they differ
+    by at most 8.3e-7 (a few float32 ulps). Each wrong config field tried moved the logits by 9e-3
+    (beta_slow 1 -> 2) to 1.1 (n_group 4 -> 1): rope_interleave, rms_norm_eps, routed_scaling_factor,
+    n_group/topk_group, norm_topk_prob, rope_theta, rope_scaling factor/mscale_all_dim/beta_fast/
+    beta_slow/original_max_position_embeddings, or dropping rope_scaling.
+    """
+    from transformers import DeepseekV3ForCausalLM
+
+    args = HF_CASES[case]
+    model = _model(args).eval()
+    export_hf(_save(tmp_path / "ck", model), tmp_path / "hf", log=lambda *a: None)
+    hf, info = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, output_loading_info=True)
+    L = args.n_layers
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    # HF has no MTP module: layer L is reported as unexpected, as with DeepSeek's own release
+    assert info["unexpected_keys"] and all(k.startswith(f"model.layers.{L}.") for k in info["unexpected_keys"])
+    x = torch.randint(0, args.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(x)[0], hf.eval()(x).logits
+    assert ours.std() > 0.3  # the layers matter (see HF_CASES)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("change", [dict(score_func="softmax"), dict(norm_eps=1e-5)])
+def test_export_refuses_what_deepseek_v3_for_causal_lm_cannot_compute(change, tmp_path):
+    path = _save(tmp_path / "ck", Transformer(replace(ARGS, **change)))
+    with pytest.raises(ValueError, match=next(iter(change))):
+        export_hf(path, tmp_path / "hf", log=lambda *a: None)
+    assert not (tmp_path / "hf").exists()
 
 
 def test_export_import_round_trip(saved, tmp_path):
@@ -117,7 +140,7 @@ def test_export_import_round_trip(saved, tmp_path):
             cfg["num_nextn_predict_layers"], cfg["q_lora_rank"], cfg["topk_method"]) == (64, 3, 8, 1, 1, 32, "noaux_tc")
     assert cfg["rope_scaling"] is None  # max_seq_len <= original_seq_len: no YaRN in our model either
     assert args_from_hf_config({k: v for k, v in cfg.items() if k != "moeforge"}, name="tiny-test") == ARGS
-    tensors = load_safetensors(tmp_path / "hf/model.safetensors")
+    tensors = load_file(tmp_path / "hf/model.safetensors")
     assert info["files"] == ["model.safetensors"] and len(tensors) == info["tensors"]
     assert torch.equal(tensors["model.layers.3.embed_tokens.weight"], tensors["model.embed_tokens.weight"])
     assert torch.equal(tensors["model.layers.3.shared_head.head.weight"], tensors["lm_head.weight"])
@@ -140,7 +163,7 @@ def test_sharded_bf16_export(saved, tmp_path):
     index = json.loads((tmp_path / "hf/model.safetensors.index.json").read_text())
     assert len(info["files"]) > 1 and sorted(set(index["weight_map"].values())) == info["files"]
     assert json.loads((tmp_path / "hf/config.json").read_text())["torch_dtype"] == "bfloat16"
-    t = load_safetensors(tmp_path / "hf" / index["weight_map"]["model.layers.1.mlp.gate.e_score_correction_bias"])
+    t = load_file(tmp_path / "hf" / index["weight_map"]["model.layers.1.mlp.gate.e_score_correction_bias"])
     assert t["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     back = import_hf(tmp_path / "hf", tmp_path / "imported", log=lambda *a: None)
     a, b = ckpt.load(path), ckpt.load(back)

@@ -1,60 +1,12 @@
-"""GPU telemetry against a fake NVML (pynvml's names, constants and exceptions; our answers)."""
-import types
-
+"""GPU telemetry against a fake NVML (tests/_helpers.fake_nvml; telemetry watches GPU 0)."""
 import pynvml
 import pytest
 import torch
+from _helpers import fake_nvml
 
 from moeforge.train.telemetry import GpuTelemetry
 
 CUDA0 = torch.device("cuda", 0)
-
-
-def fake_nvml(xids=(), ecc_uncorrected=(0,), unsupported=(), init_error=None):
-    """Answers like pynvml for one H100; `ecc_uncorrected` is the sequence of counts successive reads return."""
-    m = types.SimpleNamespace()
-    for name in dir(pynvml):
-        if name.startswith(("NVML_", "NVMLError", "nvmlEventType")):
-            setattr(m, name, getattr(pynvml, name))
-    m.calls = []
-
-    def q(name, value):
-        def fn(*args):
-            m.calls.append(name)
-            if name in unsupported:
-                raise pynvml.NVMLError_NotSupported(pynvml.NVML_ERROR_NOT_SUPPORTED)
-            return value(*args) if callable(value) else value
-        setattr(m, name, fn)
-
-    def init():
-        if init_error is not None:
-            raise init_error
-    m.nvmlInit = init
-    ecc = list(ecc_uncorrected)
-    events = [types.SimpleNamespace(device="h0", eventData=x) for x in xids]
-
-    def wait(es, ms):
-        if events:
-            return events.pop(0)
-        raise pynvml.NVMLError_Timeout(pynvml.NVML_ERROR_TIMEOUT)
-
-    q("nvmlShutdown", None)
-    q("nvmlDeviceGetHandleByIndex", lambda i: f"h{i}")
-    q("nvmlDeviceGetHandleByUUID", lambda u: "h0")
-    q("nvmlDeviceGetName", "NVIDIA H100 80GB HBM3")
-    q("nvmlDeviceGetUtilizationRates", types.SimpleNamespace(gpu=97, memory=41))
-    q("nvmlDeviceGetMemoryInfo", types.SimpleNamespace(total=80 * 2**30, used=60 * 2**30, free=20 * 2**30))
-    q("nvmlDeviceGetPowerUsage", 612_500)  # milliwatts
-    q("nvmlDeviceGetTemperature", 71)
-    q("nvmlDeviceGetClockInfo", lambda h, kind: 1980 if kind == pynvml.NVML_CLOCK_SM else 2619)
-    q("nvmlDeviceGetCurrentClocksEventReasons", 0)
-    q("nvmlDeviceGetTotalEccErrors",
-      lambda h, kind, c: (ecc.pop(0) if len(ecc) > 1 else ecc[0]) if kind == pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED else 3)
-    q("nvmlEventSetCreate", "es")
-    q("nvmlDeviceRegisterEvents", None)
-    q("nvmlEventSetFree", None)
-    m.nvmlEventSetWait = wait
-    return m
 
 
 def test_cpu_run_is_a_noop_with_one_notice():
@@ -91,7 +43,7 @@ def test_samples_every_n_steps_in_plain_units():
 
 def test_xid_and_new_ecc_errors_are_reported_from_any_rank():
     lines = []
-    tel = GpuTelemetry(1, CUDA0, nvml=fake_nvml(xids=(79, 48), ecc_uncorrected=(0, 0, 2)), rank=5, log=lines.append)
+    tel = GpuTelemetry(1, CUDA0, nvml=fake_nvml(xids=(79, 48), ecc=(0, 0, 2), faulty_gpu=0), rank=5, log=lines.append)
     assert lines == []  # rank 5: no notice
     s = tel.sample(1)
     assert s["gpu/xid"] == [79, 48] and s["gpu/ecc_uncorrected"] == 0
