@@ -14,6 +14,8 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass, field
 
+from moeforge.train.nvml import nvml_str, nvml_try
+
 NO_GPU = "no NVIDIA GPU; CPU/gloo"
 
 
@@ -80,18 +82,6 @@ def _torch_line() -> str:
         return "torch not importable"
 
 
-def _str(x) -> str:
-    return x.decode() if isinstance(x, bytes) else str(x)
-
-
-def _try(nvml, fn, *args):
-    """Call an NVML query; None where the GPU or driver does not support it."""
-    try:
-        return getattr(nvml, fn)(*args)
-    except (nvml.NVMLError, AttributeError):
-        return None
-
-
 def _xid_events(nvml, handles, wait_ms: int) -> dict[int, list[int]]:
     """XID critical errors that arrive within wait_ms (NVML reports only events after registration)."""
     out: dict[int, list[int]] = {}
@@ -115,7 +105,7 @@ def _xid_events(nvml, handles, wait_ms: int) -> dict[int, list[int]]:
             i = next((j for j, h in enumerate(handles) if h == ev.device), 0)
             out.setdefault(i, []).append(int(ev.eventData))
     finally:
-        _try(nvml, "nvmlEventSetFree", es)
+        nvml_try(nvml, "nvmlEventSetFree", es)
     return out
 
 
@@ -130,33 +120,33 @@ def gpu_report(nvml=None, nproc_per_node: int | None = None, xid_wait_ms: int = 
     except nvml.NVMLError as e:
         return GpuReport(available=False, reason=f"{type(e).__name__}: {e}")
     try:
-        rep = GpuReport(available=True, driver=_str(_try(nvml, "nvmlSystemGetDriverVersion")),
+        rep = GpuReport(available=True, driver=nvml_str(nvml_try(nvml, "nvmlSystemGetDriverVersion")),
                         nproc_per_node=nproc_per_node)
-        cuda = _try(nvml, "nvmlSystemGetCudaDriverVersion")
+        cuda = nvml_try(nvml, "nvmlSystemGetCudaDriverVersion")
         rep.cuda_driver = f"{cuda // 1000}.{cuda % 1000 // 10}" if isinstance(cuda, int) else None
         n = nvml.nvmlDeviceGetCount()
         handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(n)]
         for i, h in enumerate(handles):
-            mem = _try(nvml, "nvmlDeviceGetMemoryInfo", h)
-            g = GpuInfo(index=i, name=_str(_try(nvml, "nvmlDeviceGetName", h)),
-                        uuid=_str(_try(nvml, "nvmlDeviceGetUUID", h) or ""),
+            mem = nvml_try(nvml, "nvmlDeviceGetMemoryInfo", h)
+            g = GpuInfo(index=i, name=nvml_str(nvml_try(nvml, "nvmlDeviceGetName", h)),
+                        uuid=nvml_str(nvml_try(nvml, "nvmlDeviceGetUUID", h) or ""),
                         memory_total=int(getattr(mem, "total", 0)), memory_free=int(getattr(mem, "free", 0)))
-            g.ecc_uncorrected = _try(nvml, "nvmlDeviceGetTotalEccErrors", h,
-                                     nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nvml.NVML_VOLATILE_ECC)
-            pages = [_try(nvml, "nvmlDeviceGetRetiredPages", h, cause) for cause in
+            g.ecc_uncorrected = nvml_try(nvml, "nvmlDeviceGetTotalEccErrors", h,
+                                         nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nvml.NVML_VOLATILE_ECC)
+            pages = [nvml_try(nvml, "nvmlDeviceGetRetiredPages", h, cause) for cause in
                      (nvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS,
                       nvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR)]
             g.retired_pages = None if all(p is None for p in pages) else sum(len(p or []) for p in pages)
-            pending = _try(nvml, "nvmlDeviceGetRetiredPagesPendingStatus", h)
+            pending = nvml_try(nvml, "nvmlDeviceGetRetiredPagesPendingStatus", h)
             g.retired_pending = None if pending is None else bool(pending)
-            remap = _try(nvml, "nvmlDeviceGetRemappedRows", h)  # (corrected, uncorrected, pending, failed)
+            remap = nvml_try(nvml, "nvmlDeviceGetRemappedRows", h)  # (corrected, uncorrected, pending, failed)
             if remap is not None:
                 g.remap_pending, g.remap_failed = bool(remap[2]), bool(remap[3])
             rep.gpus.append(g)
         for i, xids in _xid_events(nvml, handles, xid_wait_ms).items():
             rep.gpus[i].xid_events = xids
     finally:
-        _try(nvml, "nvmlShutdown")
+        nvml_try(nvml, "nvmlShutdown")
     rep.problems = problems(rep)
     return rep
 

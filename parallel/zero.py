@@ -33,7 +33,7 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from .grad_sync import is_routed_expert
+from moeforge.model.transformer import is_expert_param
 from .mesh import peer_guard
 
 
@@ -127,7 +127,7 @@ class ShardedAdamW:
                  no_decay: Callable[[str, torch.Tensor], bool] = _no_decay_default,
                  moment_dtype: torch.dtype = torch.float32, dense_group: dist.ProcessGroup | None = None,
                  expert_group: dist.ProcessGroup | None = None,
-                 is_expert: Callable[[str], bool] = is_routed_expert, align: int = 128):
+                 is_expert: Callable[[str], bool] = is_expert_param, align: int = 128):
         if moment_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"moment_dtype={moment_dtype} must be torch.float32 or torch.bfloat16")
         seen, named = set(), []
@@ -182,11 +182,23 @@ class ShardedAdamW:
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state held on this rank (the moments of its shards)."""
-        return sum(t.numel() * t.element_size() for g in self.groups for t in (g.exp_avg, g.exp_avg_sq))
+        return sum(t.numel() * t.element_size() for t in self.state_tensors().values())
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's state tensors by name ("dense.exp_avg", "experts.exp_avg_sq", ...), not copies."""
+        return {f"{g.kind.split()[0]}.{k}": t for g in self.groups
+                for k, t in (("exp_avg", g.exp_avg), ("exp_avg_sq", g.exp_avg_sq))}
+
+    def shard_layout(self) -> dict[str, tuple[tuple[int, ...], int, int]]:
+        """{parameter name: (its shape, start, end)}: the element range [start, end) of each flattened
+        parameter whose moments this rank owns (the ranges state_dict covers)."""
+        return {s.name: (tuple(s.param.shape), a, b) for g in self.groups for s, a, b in g.pieces}
 
     def state_dict(self) -> dict:
         """This rank's moments, keyed by parameter name and the element range [start, end) of the
-        flattened parameter they cover; any layout can reassemble them (see load_state_dict)."""
+        flattened parameter they cover; any layout can reassemble them (see load_state_dict). A
+        parameter that is not FP32 also gets "master": its FP32 value over that range, which lives
+        only in the optimizer's flat buffer."""
         state = {}
         for g in self.groups:
             for s, a, b in g.pieces:
@@ -194,17 +206,21 @@ class ShardedAdamW:
                 state[s.name] = {"shape": tuple(s.param.shape), "start": a, "end": b,
                                  "exp_avg": g.exp_avg[off:off + b - a].clone(),
                                  "exp_avg_sq": g.exp_avg_sq[off:off + b - a].clone()}
+                if s.param.dtype != torch.float32:
+                    state[s.name]["master"] = g.flat[s.start + a:s.start + b].clone()
         return {"step": self.step_count, "moment_dtype": str(self.moment_dtype).removeprefix("torch."),
                 "state": state}
 
     def load_state_dict(self, state_dict: dict | list[dict]) -> None:
         """Load from one state_dict, or from the list of every rank's state_dict of another layout:
-        each parameter range this rank owns is assembled from whichever pieces overlap it."""
+        each parameter range this rank owns is assembled from whichever pieces overlap it. FP32 masters
+        of non-FP32 parameters come from the pieces' "master" where saved, else from the parameter."""
         sds = state_dict if isinstance(state_dict, list) else [state_dict]
         steps = {sd["step"] for sd in sds}
         if len(steps) != 1:
             raise ValueError(f"optimizer state pieces disagree on the step: {sorted(steps)}")
         self.step_count = steps.pop()
+        self.refresh_master()
         with torch.no_grad():
             for g in self.groups:
                 for s, a, b in g.pieces:
@@ -220,8 +236,18 @@ class ShardedAdamW:
                         src = slice(lo - e["start"], hi - e["start"])
                         g.exp_avg[off + lo:off + hi].copy_(e["exp_avg"][src])
                         g.exp_avg_sq[off + lo:off + hi].copy_(e["exp_avg_sq"][src])
+                        if "master" in e and s.param.dtype != torch.float32:
+                            g.flat[s.start + lo:s.start + hi].copy_(e["master"][src])
                         got.append((lo, hi))
                     covered = _covered(got)
                     if covered < b - a:
                         raise ValueError(f"optimizer state for {s.name}[{a}:{b}] (shape {tuple(s.param.shape)}) "
                                          f"is missing from the state_dict ({covered} of {b - a} elements found)")
+
+    @torch.no_grad()
+    def refresh_master(self) -> None:
+        """Copy every non-FP32 parameter into its FP32 master in the flat buffer: after its value was
+        loaded in place (the buffer, not the parameter, is what the next step updates)."""
+        for g in self.groups:
+            for s in g.copies:
+                g.flat[s.start:s.start + s.numel].copy_(s.param.detach().reshape(-1))

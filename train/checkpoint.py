@@ -53,10 +53,17 @@ import threading
 import time
 import warnings
 from functools import lru_cache
+from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
+
+from moeforge.model.transformer import is_expert_param
 
 FORMAT = "moeforge-dcp/1"
 MANIFEST = "manifest.json"
@@ -130,8 +137,6 @@ def verify(path: str | Path, share: tuple[int, int] = (0, 1)) -> str | None:
 def _rank(group) -> tuple[int, int]:
     if group is None:
         return 0, 1
-    import torch.distributed as dist
-
     return dist.get_rank(group), dist.get_world_size(group)
 
 
@@ -140,8 +145,6 @@ def check_whole(path: Path, group=None) -> str | None:
     rank, world = _rank(group)
     why = verify(path, (rank, world))
     if group is not None:
-        import torch.distributed as dist
-
         everyone = [None] * world
         dist.all_gather_object(everyone, why, group=group)
         why = next((w for w in everyone if w is not None), None)
@@ -153,8 +156,6 @@ def latest_whole(root: str | Path, log: Callable[[str], None] = print, group=Non
     Collective when `group` is given (rank 0's listing is used, so every rank picks the same one)."""
     paths = list_checkpoints(root)
     if group is not None:
-        import torch.distributed as dist
-
         box = [paths]
         dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
         paths = box[0]
@@ -188,9 +189,6 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def _reader(path: Path):
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
             with open(Path(self.path) / ".metadata", "rb") as f:
@@ -205,8 +203,6 @@ def _reader(path: Path):
 
 def saved_tensors(path: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """{key: (shape, dtype)} of every tensor in the checkpoint at `path` (reads only the DCP index)."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     md = _reader(Path(path)).read_metadata()
     return {k: (tuple(v.size), v.properties.dtype) for k, v in md.state_dict_metadata.items()
             if isinstance(v, TensorStorageMetadata)}
@@ -214,8 +210,6 @@ def saved_tensors(path: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dt
 
 def _dcp_load(state: dict[str, torch.Tensor], path: Path, group=None) -> None:
     """Fill `state`'s tensors in place from the checkpoint (collective over `group` when given)."""
-    import torch.distributed.checkpoint as dcp
-
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise TypeError(f"only tensors are loaded from checkpoints, got non-tensors for {bad[:5]}")
@@ -256,8 +250,6 @@ def code_version() -> dict:
     root = Path(__file__).resolve().parents[1]
     out = {"moeforge": None, "git_commit": None, "source_sha256": None}
     try:
-        from importlib.metadata import version
-
         out["moeforge"] = version("moeforge")
     except Exception:  # noqa: BLE001 - not installed: leave None
         pass
@@ -367,14 +359,9 @@ class Checkpointer:
 
     def _barrier(self) -> None:
         if self.group is not None:
-            import torch.distributed as dist
-
             dist.barrier(group=self.group)
 
     def _write(self, step: int, path: Path, staged: dict, manifest: dict, t0: float) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import FileSystemWriter
-
         if self.rank == 0:
             if path.exists():  # debris of an interrupted save, or an abandoned timeline's step
                 shutil.rmtree(path)
@@ -390,8 +377,6 @@ class Checkpointer:
         sums = {n: {"bytes": (path / n).stat().st_size, "sha256": _sha256(path / n)}
                 for n in names[self.rank::self.world]}
         if self.group is not None:
-            import torch.distributed as dist
-
             everyone = [None] * self.world
             dist.all_gather_object(everyone, sums, group=self.group)
             sums = {k: v for part in everyone for k, v in part.items()}
@@ -454,7 +439,7 @@ def _share(keys: list[str], index: int, size: int) -> set[str]:
 
 
 def model_state(model: torch.nn.Module, dense_share=(0, 1), expert_share=(0, 1),
-                is_expert: Callable[[str], bool] = lambda n: ".experts." in n) -> dict[str, torch.Tensor]:
+                is_expert: Callable[[str], bool] = is_expert_param) -> dict[str, torch.Tensor]:
     """This rank's share of `model.<fqn>` keys: dense tensors split over dp, routed experts over edp."""
     sd = model.state_dict()
     dense = [k for k in sd if not is_expert(k)]
@@ -469,12 +454,9 @@ def optimizer_state(optimizer) -> dict[str, torch.Tensor]:
     out = {"optim.step": torch.tensor(sd["step"], dtype=torch.int64)}
     for name, e in sd["state"].items():
         a, b = e["start"], e["end"]
-        out[f"optim.exp_avg.{name}[{a}:{b}]"] = e["exp_avg"]
-        out[f"optim.exp_avg_sq.{name}[{a}:{b}]"] = e["exp_avg_sq"]
-    for g in getattr(optimizer, "groups", []):  # ShardedAdamW internals: the FP32 copy of bf16 params
-        for s, a, b in g.pieces:
-            if s.param.dtype != torch.float32:
-                out[f"optim.master.{s.name}[{a}:{b}]"] = g.flat[s.start + a:s.start + b]
+        for kind in ("exp_avg", "exp_avg_sq", "master"):
+            if kind in e:
+                out[f"optim.{kind}.{name}[{a}:{b}]"] = e[kind]
     return out
 
 
@@ -513,15 +495,14 @@ def load_trainer_state(path: Path, model: torch.nn.Module, optimizer, rank: int,
     pieces: list[tuple[str, str, int, int]] = []  # (kind, name, a, b) of saved pieces this rank needs
     if has_optim:
         want["optim.step"] = torch.zeros((), dtype=torch.int64)
-        mine: dict[str, list[tuple[int, int]]] = {}
-        for name, e in optimizer.state_dict()["state"].items():
-            mine.setdefault(name, []).append((e["start"], e["end"]))
+        mine = optimizer.shard_layout()
         for key, (shape, dtype) in index.items():
             m = PIECE_RE.match(key)
             if not m or m.group(2) not in mine:
                 continue
             a, b = int(m.group(3)), int(m.group(4))
-            if any(a < hi and lo < b for lo, hi in mine[m.group(2)]):
+            _, lo, hi = mine[m.group(2)]
+            if a < hi and lo < b:
                 pieces.append((m.group(1), m.group(2), a, b))
                 want[key] = torch.empty(shape, dtype=dtype)
     saved_world = manifest.get("layout", {}).get("world_size")
@@ -532,7 +513,7 @@ def load_trainer_state(path: Path, model: torch.nn.Module, optimizer, rank: int,
     if has_optim:
         _load_optimizer(optimizer, want, pieces)
     else:
-        _sync_master_from_params(optimizer)
+        optimizer.refresh_master()
         log(f"checkpoint: {path} holds no optimizer state (weights only): AdamW moments start at zero")
     for k in rng_keys:
         if k.startswith("rng.cpu."):
@@ -547,12 +528,9 @@ def load_trainer_state(path: Path, model: torch.nn.Module, optimizer, rank: int,
 
 
 def _load_optimizer(optimizer, want: dict, pieces: list[tuple[str, str, int, int]]) -> None:
-    shapes = {}
-    for g in getattr(optimizer, "groups", []):
-        for s in g.segments:
-            shapes[s.name] = tuple(s.param.shape)
+    shapes = {name: shape for name, (shape, _, _) in optimizer.shard_layout().items()}
     step = int(want["optim.step"])
-    moment = str(getattr(optimizer, "moment_dtype", torch.float32)).removeprefix("torch.")
+    moment = str(optimizer.moment_dtype).removeprefix("torch.")
     sds: list[dict] = []  # one name at most once per state_dict, as ShardedAdamW.load_state_dict expects
     slot: dict[str, int] = {}
     for kind, name, a, b in sorted(pieces):
@@ -562,27 +540,11 @@ def _load_optimizer(optimizer, want: dict, pieces: list[tuple[str, str, int, int
         slot[name] = i + 1
         while len(sds) <= i:
             sds.append({"step": step, "moment_dtype": moment, "state": {}})
-        sds[i]["state"][name] = {"shape": shapes[name], "start": a, "end": b,
-                                 "exp_avg": want[f"optim.exp_avg.{name}[{a}:{b}]"],
-                                 "exp_avg_sq": want[f"optim.exp_avg_sq.{name}[{a}:{b}]"]}
+        e = sds[i]["state"][name] = {"shape": shapes[name], "start": a, "end": b}
+        for k in ("exp_avg", "exp_avg_sq", "master"):
+            if f"optim.{k}.{name}[{a}:{b}]" in want:
+                e[k] = want[f"optim.{k}.{name}[{a}:{b}]"]
     optimizer.load_state_dict(sds or [{"step": step, "moment_dtype": moment, "state": {}}])
-    masters = [(name, a, b) for kind, name, a, b in pieces if kind == "master"]
-    _sync_master_from_params(optimizer, {(n, a, b): want[f"optim.master.{n}[{a}:{b}]"] for n, a, b in masters})
-
-
-@torch.no_grad()
-def _sync_master_from_params(optimizer, masters: dict | None = None) -> None:
-    """Non-FP32 params are copies of the flat FP32 buffer: refill the buffer from the saved master
-    pieces where there are some, else from the loaded (lower-precision) parameter."""
-    by_name: dict[str, list] = {}
-    for (n, a, b), t in (masters or {}).items():
-        by_name.setdefault(n, []).append((a, b, t))
-    for g in getattr(optimizer, "groups", []):
-        for s in g.copies:
-            view = g.flat[s.start:s.start + s.numel]
-            view.copy_(s.param.detach().reshape(-1))
-            for a, b, t in by_name.get(s.name, []):
-                view[a:b].copy_(t)
 
 
 def trim_metrics(path: str | Path, step: int) -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .preempt import parse_signals
+
 
 def _need(ok: bool, msg: str):
     if not ok:
@@ -13,7 +15,10 @@ def _need(ok: bool, msg: str):
 class TrainConfig:
     steps: int = 300
     global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
-    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    # sequences per forward/backward on one rank; None (auto): the largest that splits the rank's share
+    # (global_batch_size / dp) into at least 2 micro-batches, with a pipeline into at least as many as the
+    # schedule needs (1f1b, zb1p: pp; dualpipe, dualpipev: 2*pp) and it accepts (train/build.py batch_split)
+    micro_batch_size: int | None = None
     seq_len: int = 128
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -38,11 +43,14 @@ class TrainConfig:
     debug_nan_step: int = 0  # test aid: multiply the loss by NaN at this step (1-based); 0: off
 
     def __post_init__(self):
-        for name in ("steps", "global_batch_size", "micro_batch_size", "seq_len", "eval_interval", "eval_batches"):
+        for name in ("steps", "global_batch_size", "seq_len", "eval_interval", "eval_batches"):
             _need(getattr(self, name) > 0, f"train.{name} must be > 0, got {getattr(self, name)}")
-        _need(self.global_batch_size % self.micro_batch_size == 0,
-              f"train.global_batch_size={self.global_batch_size} must be a multiple of "
-              f"train.micro_batch_size={self.micro_batch_size}")
+        if self.micro_batch_size is not None:
+            _need(self.micro_batch_size > 0, f"train.micro_batch_size must be > 0 or null (auto), "
+                                             f"got {self.micro_batch_size}")
+            _need(self.global_batch_size % self.micro_batch_size == 0,
+                  f"train.global_batch_size={self.global_batch_size} must be a multiple of "
+                  f"train.micro_batch_size={self.micro_batch_size}")
         _need(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _need(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _need(0 <= self.decay_start <= 1, f"train.decay_start must be in [0, 1], got {self.decay_start}")
@@ -105,6 +113,4 @@ class CheckpointConfig:
         _need(self.keep >= 1, f"checkpoint.keep must be >= 1, got {self.keep}")
         _need(bool(self.resume), "checkpoint.resume must be auto, never or a checkpoint path")
         _need(self.preempt_grace_s > 0, f"checkpoint.preempt_grace_s must be > 0, got {self.preempt_grace_s}")
-        from .preempt import parse_signals
-
         parse_signals(self.preempt_signals)  # ValueError naming the bad signal

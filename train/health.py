@@ -25,6 +25,9 @@ import math
 from collections import deque
 
 import torch
+import torch.distributed as dist
+
+from moeforge.model.moe import MoE
 
 
 class SpikeGuard:
@@ -72,8 +75,6 @@ class SpikeGuard:
 
 def moe_layer_labels(model: torch.nn.Module) -> list[str]:
     """One label per MoE layer in `model.moe_layers()` order: the block's layer id, "mtp<k>" for MTP."""
-    from moeforge.model.moe import MoE
-
     out = []
     for name, m in model.named_modules():
         if isinstance(m, MoE):
@@ -102,11 +103,9 @@ def _local_nonfinite(model: torch.nn.Module, optimizer) -> str | None:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
             return name
-    for i, g in enumerate(getattr(optimizer, "groups", [])):
-        for attr in ("exp_avg", "exp_avg_sq"):
-            t = getattr(g, attr, None)
-            if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
-                return f"optimizer.groups[{i}].{attr}"
+    for name, t in optimizer.state_tensors().items():
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            return f"optimizer {name}"
     return None
 
 
@@ -116,8 +115,6 @@ def require_finite_state(model: torch.nn.Module, optimizer, step: int, group=Non
     bad = _local_nonfinite(model, optimizer)
     flag = torch.tensor([0.0 if bad is None else 1.0])
     if group is not None:
-        import torch.distributed as dist
-
         if dist.get_backend(group) == "nccl":
             flag = flag.cuda()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)

@@ -78,7 +78,7 @@ class PreemptionWatcher:
     def agreed(self, group=None, device=None) -> bool:
         """Collective over `group` (None: this process only): did any rank get a signal?"""
         mine = -1.0 if self.received_at is None else time.monotonic() - self.received_at
-        if group is not None:
+        if group is not None:  # torch only here: train/config.py imports this module; `moeforge plan` has no torch
             import torch
             import torch.distributed as dist
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
+
 from .metrics import read_metrics
 
 
@@ -29,7 +31,6 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def plot_expert_load(load_LE, labels: list[str], path: str | Path, title: str = "") -> Path:
     """Heatmap of routed tokens per expert divided by the layer's mean (1 = balanced); rows = MoE layers."""
-    import numpy as np
     from matplotlib.colors import TwoSlopeNorm
 
     plt = _plt()

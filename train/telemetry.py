@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from moeforge.launcher.doctor import _str, _try
+from .nvml import nvml_str, nvml_try
 
 
 class GpuTelemetry:
@@ -45,7 +45,7 @@ class GpuTelemetry:
         self.nvml = nvml
         self.index = device.index or 0
         self.handle = _handle(nvml, self.index)
-        self.name = _str(_try(nvml, "nvmlDeviceGetName", self.handle))
+        self.name = nvml_str(nvml_try(nvml, "nvmlDeviceGetName", self.handle))
         self.active = True
         self._ecc_seen = self._ecc(nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED) or 0
         try:
@@ -56,7 +56,7 @@ class GpuTelemetry:
         notice(f"telemetry: NVML on GPU {self.index} ({self.name}) every {interval} steps")
 
     def _ecc(self, kind) -> int | None:
-        return _try(self.nvml, "nvmlDeviceGetTotalEccErrors", self.handle, kind, self.nvml.NVML_VOLATILE_ECC)
+        return nvml_try(self.nvml, "nvmlDeviceGetTotalEccErrors", self.handle, kind, self.nvml.NVML_VOLATILE_ECC)
 
     def _xids(self) -> list[int]:
         out = []
@@ -73,20 +73,20 @@ class GpuTelemetry:
         if not self.active or step % self.interval:
             return {}
         nv, h = self.nvml, self.handle
-        util = _try(nv, "nvmlDeviceGetUtilizationRates", h)
-        mem = _try(nv, "nvmlDeviceGetMemoryInfo", h)
-        power = _try(nv, "nvmlDeviceGetPowerUsage", h)  # milliwatts
-        reasons = _try(nv, "nvmlDeviceGetCurrentClocksEventReasons", h)
+        util = nvml_try(nv, "nvmlDeviceGetUtilizationRates", h)
+        mem = nvml_try(nv, "nvmlDeviceGetMemoryInfo", h)
+        power = nvml_try(nv, "nvmlDeviceGetPowerUsage", h)  # milliwatts
+        reasons = nvml_try(nv, "nvmlDeviceGetCurrentClocksEventReasons", h)
         if reasons is None:
-            reasons = _try(nv, "nvmlDeviceGetCurrentClocksThrottleReasons", h)
+            reasons = nvml_try(nv, "nvmlDeviceGetCurrentClocksThrottleReasons", h)
         out = {
             "gpu/util_pct": getattr(util, "gpu", None),
             "gpu/mem_util_pct": getattr(util, "memory", None),
             "gpu/mem_used_gib": None if mem is None else round(mem.used / 2**30, 3),
             "gpu/power_w": None if power is None else power / 1000,
-            "gpu/temp_c": _try(nv, "nvmlDeviceGetTemperature", h, nv.NVML_TEMPERATURE_GPU),
-            "gpu/sm_clock_mhz": _try(nv, "nvmlDeviceGetClockInfo", h, nv.NVML_CLOCK_SM),
-            "gpu/mem_clock_mhz": _try(nv, "nvmlDeviceGetClockInfo", h, nv.NVML_CLOCK_MEM),
+            "gpu/temp_c": nvml_try(nv, "nvmlDeviceGetTemperature", h, nv.NVML_TEMPERATURE_GPU),
+            "gpu/sm_clock_mhz": nvml_try(nv, "nvmlDeviceGetClockInfo", h, nv.NVML_CLOCK_SM),
+            "gpu/mem_clock_mhz": nvml_try(nv, "nvmlDeviceGetClockInfo", h, nv.NVML_CLOCK_MEM),
             "gpu/clock_event_reasons": reasons,
             "gpu/ecc_uncorrected": self._ecc(nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED),
             "gpu/ecc_corrected": self._ecc(nv.NVML_MEMORY_ERROR_TYPE_CORRECTED),
@@ -105,8 +105,8 @@ class GpuTelemetry:
         if not self.active:
             return
         if self._events is not None:
-            _try(self.nvml, "nvmlEventSetFree", self._events)
-        _try(self.nvml, "nvmlShutdown")
+            nvml_try(self.nvml, "nvmlEventSetFree", self._events)
+        nvml_try(self.nvml, "nvmlShutdown")
         self.active = False
 
 

@@ -7,8 +7,8 @@ the checkpoint's; the model's outputs on a fixed batch are compared with a singl
 the same checkpoint (bitwise for dp layouts; with EP the expert GEMMs see other row counts, so within
 1e-6: measured <= 9e-8, the same gap as an uninterrupted EP run has), and two more steps give the
 uninterrupted run's losses (tolerance 1e-6 relative as in test_train_equivalence; measured: bitwise).
-Pipeline parallelism is not wired into training yet: the keys are already global, so pp layouts need
-no change here; a pp case joins this test when the loop runs pp > 1.
+Pipeline layouts (the same global keys) are tests/dist/test_pp_train.py's: a pp checkpoint loaded by one
+process, a single-process checkpoint resumed at pp=4.
 """
 import re
 
@@ -38,7 +38,8 @@ def _probe(rank, world, overrides, path):
     from moeforge.launcher.config import load_job_config
     from moeforge.train import checkpoint as ckpt
     from moeforge.train.data import TokenSampler
-    from moeforge.train.loop import Trainer, setup_distributed
+    from moeforge.train.build import setup_distributed
+    from moeforge.train.trainer import Trainer
 
     cfg = load_job_config(COMMON + overrides + [f"checkpoint.resume={path}"])
     env, meshes = setup_distributed(cfg)

@@ -14,7 +14,8 @@ import sys
 import pytest
 
 from moeforge.launcher.config import load_job_config
-from moeforge.train.loop import Trainer, run
+from moeforge.train.loop import run
+from moeforge.train.trainer import Trainer
 from moeforge.train.metrics import read_metrics
 
 STEPS = 8

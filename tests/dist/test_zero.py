@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 from _spawn import run_ranks
 
-from moeforge.parallel.grad_sync import all_reduce_sum_, clip_grad_norm_, is_routed_expert, reduce_gradients
+from moeforge.model.transformer import is_expert_param
+from moeforge.parallel.grad_sync import all_reduce_sum_, clip_grad_norm_, reduce_gradients
 from moeforge.parallel.zero import ShardedAdamW
 
 N_EXPERTS = 4
@@ -150,6 +151,39 @@ def test_state_dict_round_trip_and_missing_grads():
         ob.load_state_dict(sd)
 
 
+def test_low_precision_params_keep_their_fp32_master_through_state_dict():
+    """A bf16 parameter's FP32 value lives only in the optimizer's flat buffer: state_dict carries it as
+    "master", load_state_dict restores it, so training goes on bit for bit; without it the master is
+    rebuilt from the (rounded) parameter."""
+    def bf16_grads(named, step):
+        for name, p in named:
+            g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + 7919 * step)
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+
+    a, b, c = (nn.Linear(16, 16).to(torch.bfloat16) for _ in range(3))
+    oa = ShardedAdamW(list(a.named_parameters()), lr=1e-3)
+    for t in (1, 2):
+        bf16_grads(list(a.named_parameters()), t)
+        oa.step()
+    sd = oa.state_dict()
+    assert oa.shard_layout() == {"weight": ((16, 16), 0, 256), "bias": ((16,), 0, 16)}
+    master = sd["state"]["weight"]["master"]
+    assert master.dtype == torch.float32 and not torch.equal(master, a.weight.float().reshape(-1))
+    for m in (b, c):
+        m.load_state_dict(a.state_dict())
+    ob, oc = (ShardedAdamW(list(m.named_parameters()), lr=1e-3) for m in (b, c))
+    ob.load_state_dict(sd)
+    oc.load_state_dict({**sd, "state": {n: {k: v for k, v in e.items() if k != "master"}
+                                        for n, e in sd["state"].items()}})
+    for m, opt in ((a, oa), (b, ob), (c, oc)):
+        bf16_grads(list(m.named_parameters()), 3)
+        opt.step()
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    assert torch.equal(ob.state_dict()["state"]["weight"]["master"], oa.state_dict()["state"]["weight"]["master"])
+    assert torch.equal(oc.state_dict()["state"]["weight"]["exp_avg"], oa.state_dict()["state"]["weight"]["exp_avg"])
+    assert not torch.equal(oc.state_dict()["state"]["weight"]["master"], oa.state_dict()["state"]["weight"]["master"])
+
+
 def test_params_become_views_of_the_flat_buffer():
     model = ToyMoE()
     opt = ShardedAdamW(list(model.named_parameters()), lr=1e-2, no_decay=no_decay)
@@ -182,6 +216,7 @@ def _zero_vs_unsharded(rank, world, moment_dtype_name):
         kw = dict(lr=1e-2, weight_decay=0.1, no_decay=no_decay, moment_dtype=moment_dtype)
         zo = ShardedAdamW(ns, dense_group=meshes.dp, expert_group=meshes.edp, **kw)
         un = ShardedAdamW(nu, **kw)
+        init = {n: p.detach().clone() for n, p in ns}
         for t in range(1, 4):
             set_grads(ns, t)
             set_grads(nu, t)
@@ -189,11 +224,15 @@ def _zero_vs_unsharded(rank, world, moment_dtype_name):
             un.step()
             zo.zero_grad()
             un.zero_grad()
-        same_params = all(torch.equal(p, q) for (_, p), (_, q) in zip(ns, nu))
-        # moments: this rank's pieces equal the same ranges of the unsharded state
+        # every parameter trained, and to the unsharded optimizer's bits
+        moved = [n for n, p in ns if not torch.equal(p, init[n])]
+        param_diff = [n for (n, p), (_, q) in zip(ns, nu) if not torch.equal(p, q)]
+        # moments: this rank's pieces equal the same ranges of the unsharded state (the test checks that
+        # the pieces of all ranks cover every parameter)
         zsd, usd = zo.state_dict(), un.state_dict()
-        same_moments = all(torch.equal(e[k], usd["state"][n][k][e["start"]:e["end"]])
-                           for n, e in zsd["state"].items() for k in ("exp_avg", "exp_avg_sq"))
+        kinds = ("exp_avg", "exp_avg_sq")
+        moment_diff = [n for n, e in zsd["state"].items() for k in kinds
+                       if not torch.equal(e[k], usd["state"][n][k][e["start"]:e["end"]])]
         # reshard: every rank's pieces (of this stage and ep index) load into an unsharded optimizer,
         # and the unsharded state loads into a sharded one
         pieces = [None] * world
@@ -202,15 +241,15 @@ def _zero_vs_unsharded(rank, world, moment_dtype_name):
         mine = [{**sd, "state": {n: e for n, e in sd["state"].items() if n in dict(nu)}} for sd in mine]
         un2 = ShardedAdamW([(n, p.detach().clone().requires_grad_()) for n, p in nu], **kw)
         un2.load_state_dict(mine)
-        resharded_in = all(torch.equal(un2.state_dict()["state"][n][k], usd["state"][n][k])
-                           for n in usd["state"] for k in ("exp_avg", "exp_avg_sq"))
+        in_diff = [n for n in usd["state"] for k in kinds if not torch.equal(un2.state_dict()["state"][n][k],
+                                                                              usd["state"][n][k])]
         zo2 = ShardedAdamW([(n, p.detach().clone().requires_grad_()) for n, p in ns],
                            dense_group=meshes.dp, expert_group=meshes.edp, **kw)
         zo2.load_state_dict(usd)
-        resharded_out = all(torch.equal(zo2.state_dict()["state"][n][k], e[k])
-                            for n, e in zsd["state"].items() for k in ("exp_avg", "exp_avg_sq"))
+        out_diff = [n for n, e in zsd["state"].items() for k in kinds
+                    if not torch.equal(zo2.state_dict()["state"][n][k], e[k])]
         wrong_group_caught = None
-        if ep > 1 and any(is_routed_expert(n) for n, _ in ns):
+        if ep > 1 and any(is_expert_param(n) for n, _ in ns):
             # experts differ across ep ranks: sharding them over dp must be refused, not silently wrong
             try:
                 ShardedAdamW([(n, p.detach().clone().requires_grad_()) for n, p in ns], dense_group=meshes.dp,
@@ -221,8 +260,11 @@ def _zero_vs_unsharded(rank, world, moment_dtype_name):
         bytes_ = {kind: (g.exp_avg.numel() + g.exp_avg_sq.numel()) * g.exp_avg.element_size()
                   for kind, g in zip(("dense", "expert"), zo.groups)}
         full = {kind: 2 * g.numel * g.exp_avg.element_size() for kind, g in zip(("dense", "expert"), un.groups)}
-        out[(pp, ep)] = dict(same_params=same_params, same_moments=same_moments, resharded_in=resharded_in,
-                             resharded_out=resharded_out, wrong_group_caught=wrong_group_caught,
+        out[(pp, ep)] = dict(params=len(ns), moved=len(moved), param_diff=param_diff, moment_diff=moment_diff,
+                             numel={n: p.numel() for n, p in ns},
+                             owned={n: (e["start"], e["end"]) for n, e in zsd["state"].items()},
+                             unsharded_names=sorted(usd["state"]), in_diff=in_diff, out_diff=out_diff,
+                             wrong_group_caught=wrong_group_caught,
                              state_bytes=zo.state_bytes(), bytes=bytes_,
                              full=full, unsharded_state_bytes=un.state_bytes(), dp=dims.dp, edp=dims.edp,
                              elem=zo.groups[0].exp_avg.element_size(),
@@ -234,10 +276,23 @@ def _zero_vs_unsharded(rank, world, moment_dtype_name):
 @pytest.mark.parametrize("moment_dtype", ["float32", "bfloat16"])
 def test_zero1_bitwise_equals_unsharded_and_holds_1_over_dp_of_the_state(moment_dtype):
     results = run_ranks(_zero_vs_unsharded, 4, moment_dtype, timeout_s=100)
+    assert all(sorted(res) == [(1, 1), (1, 2), (2, 2)] for res in results)
+    for layout in results[0]:
+        # the ranks' moment pieces tile every parameter: element [0, numel) of each is owned somewhere
+        owned: dict[str, list[tuple[int, int]]] = {}
+        numel: dict[str, int] = {}
+        for res in results:
+            numel.update(res[layout]["numel"])
+            for n, ab in res[layout]["owned"].items():
+                owned.setdefault(n, []).append(ab)
+        assert sorted(owned) == sorted(numel), layout
+        assert all(_union(owned[n]) == [(0, size)] for n, size in numel.items()), (layout, owned, numel)
     for rank, res in enumerate(results):
         for layout, r in res.items():
-            assert r["same_params"] and r["same_moments"], (rank, layout)
-            assert r["resharded_in"] and r["resharded_out"], (rank, layout)
+            assert r["params"] > 0 and r["moved"] == r["params"], (rank, layout, r["moved"])
+            assert r["param_diff"] == [] and r["moment_diff"] == [], (rank, layout)
+            assert r["unsharded_names"] == sorted(r["numel"]), (rank, layout)  # every parameter, reloaded
+            assert r["in_diff"] == [] and r["out_diff"] == [], (rank, layout)
             # checked where the rank holds experts and ep > 1: (1, 2) everywhere, (2, 2) on stage 0
             expect = True if layout == (1, 2) or (layout == (2, 2) and rank < 2) else None
             assert r["wrong_group_caught"] is expect, (rank, layout)
@@ -251,6 +306,16 @@ def test_zero1_bitwise_equals_unsharded_and_holds_1_over_dp_of_the_state(moment_
     assert r["state_bytes"] / r["unsharded_state_bytes"] == pytest.approx(1 / 4, rel=0.02)
     # with pp = ep = 1 every rank ends with the same parameters
     assert len({res[(1, 1)]["checksum"] for res in results}) == 1
+
+
+def _union(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(intervals):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 def _grad_sync_and_clip(rank, world):
@@ -272,12 +337,12 @@ def _grad_sync_and_clip(rank, world):
         model = ToyMoE()
         loss_fn(model, batch(c.dp)).backward()
         for n, p in model.named_parameters():
-            if is_routed_expert(n):
+            if is_expert_param(n):
                 dist.all_reduce(p.grad, group=meshes.ep)
         per = N_EXPERTS // ep
         local = {str(e) for e in range(c.ep * per, (c.ep + 1) * per)}
         named = [(n, p) for n, p in model.named_parameters()
-                 if in_stage(n, c.pp, pp) and (not is_routed_expert(n) or n.split(".")[2] in local)]
+                 if in_stage(n, c.pp, pp) and (not is_expert_param(n) or n.split(".")[2] in local)]
         reduce_gradients(named, meshes)
         refp = dict(ref.named_parameters())
         grads_ok = {n: torch.allclose(p.grad, refp[n].grad, rtol=1e-5, atol=1e-7) for n, p in named}
@@ -298,8 +363,10 @@ def _grad_sync_and_clip(rank, world):
 def test_reduce_gradients_and_clip_match_single_process():
     results = run_ranks(_grad_sync_and_clip, 4, timeout_s=100)
     for rank, res in enumerate(results):
+        assert sorted(res) == [(1, 1), (1, 2), (1, 4), (2, 2)], rank
         for layout, r in res.items():
-            assert r["grads_ok"] and all(r["grads_ok"].values()), (rank, layout, r["grads_ok"])
+            assert len(r["grads_ok"]) == r["n_named"] > 0 and sorted(r["clipped_ok"]) == sorted(r["grads_ok"])
+            assert all(r["grads_ok"].values()), (rank, layout, r["grads_ok"])
             assert r["unclipped_norm_gt"]  # clipping really scaled the grads
             assert r["norm"] == pytest.approx(r["ref_norm"], rel=1e-6), (rank, layout)
             assert all(r["clipped_ok"].values()), (rank, layout, r["clipped_ok"])

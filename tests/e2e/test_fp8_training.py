@@ -30,7 +30,8 @@ import torch
 from moeforge.fp8.linear import Fp8Linear
 from moeforge.launcher.config import load_job_config
 from moeforge.train.checkpoint import saved_tensors
-from moeforge.train.loop import build_model, run
+from moeforge.train.build import build_model
+from moeforge.train.loop import run
 from moeforge.train.metrics import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # FP8 emulation: many small GEMMs

@@ -5,8 +5,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from moeforge.launcher.cli import main
 from moeforge.launcher.config import load_job_config
+from moeforge.train import checkpoint as ckpt
 from moeforge.train.loop import run
 from moeforge.train.metrics import read_metrics
 
@@ -59,16 +62,10 @@ def test_cli_train_writes_the_run_dir(tmp_path, stdlib_data, capsys):
     assert [p.name for p in ckpts] == ["step_00000002", "step_00000003"]
     assert json.loads((ckpts[-1] / "manifest.json").read_text())["step"] == 3
     assert "greedy sample" in out.stdout and str(run_dir / "loss.png") in out.stdout
-    from moeforge.launcher.cli import main  # `moeforge report`, in this process: `python -m launcher.cli` ran above
-
     assert main(["report", str(run_dir)]) == 0 and "throughput.png" in capsys.readouterr().out
 
 
 def test_checkpoint_is_whole_only_with_manifest(tmp_path):
-    import torch
-
-    from moeforge.train import checkpoint as ckpt
-
     p1 = ckpt.save(tmp_path, 1, {"w": torch.ones(3)}, {}, keep=3)
     p2 = ckpt.save(tmp_path, 2, {"w": torch.zeros(3)}, {}, keep=3)
     (p2 / "manifest.json").unlink()  # an unfinished save

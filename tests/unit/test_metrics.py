@@ -1,12 +1,17 @@
 """FLOPs/MFU, the spike/NaN rule, MoE load statistics, the finite-state check and the report PNGs."""
 import json
+import time
 
 import pytest
 import torch
 
+from moeforge.model import flops
 from moeforge.model.args import ModelArgs, load_preset
+from moeforge.model.transformer import Transformer
+from moeforge.parallel.zero import ShardedAdamW
+from moeforge.train.config import LoggingConfig
 from moeforge.train.health import SpikeGuard, moe_layer_labels, moe_load_stats, require_finite_state
-from moeforge.train.metrics import StepTimer, _scalars, device_peak_tflops, read_metrics
+from moeforge.train.metrics import MetricsLogger, StepTimer, _scalars, device_peak_tflops, read_metrics
 from moeforge.train.report import plot_expert_load, plot_run
 
 
@@ -15,7 +20,6 @@ def test_671b_flops_match_the_report_37b_activated():
     plus causal attention. The 37B is rounded, so N may be anything that rounds to it, [36.5B, 37.5B)
     (our count is 36.6B without the input embedding, a lookup). Attention (QK^T and AV; query t sees t
     keys, T/2 on average) costs 2·H·(d_qk + d_v)·T/2 forward FLOPs per token and layer, x3 with backward."""
-    flops = pytest.importorskip("moeforge.model.flops")
     a = load_preset("671b")
     T = 4096
     f = flops.train_flops_per_token(a, T, include_mtp=False)
@@ -79,19 +83,29 @@ def test_moe_load_stats():
 
 def test_moe_layer_labels_follow_moe_layers_order():
     with torch.device("meta"):
-        from moeforge.model.transformer import Transformer
-
         model = Transformer(ModelArgs(n_layers=3, n_dense_layers=1, n_mtp_modules=1))
     assert moe_layer_labels(model) == ["1", "2", "mtp0"] and len(model.moe_layers()) == 3
 
 
-def test_step_timer_phases_add_up():
-    t = StepTimer(torch.device("cpu"))
-    for phase in ("compute", "comm", "optim"):
-        sum(range(10000))
-        t.mark(phase)
-    r = t.record()
-    assert r["step_time_s"] == pytest.approx(r["time_compute_s"] + r["time_comm_s"] + r["time_optim_s"])
+def test_step_timer_gives_each_phase_the_time_since_the_previous_mark():
+    """Against an independent clock (time.monotonic, read right after each mark): each phase is the
+    interval that ended at its mark, a phase marked twice adds up, the step is first to last mark."""
+    sleeps = [("compute", 0.06), ("comm", 0.03), ("compute", 0.04), ("optim", 0.08)]
+    timer = StepTimer(torch.device("cpu"))
+    ticks = [time.monotonic()]
+    for phase, s in sleeps:
+        time.sleep(s)
+        timer.mark(phase)
+        ticks.append(time.monotonic())
+    r = timer.record()
+    want: dict[str, float] = {}
+    for (phase, s), a, b in zip(sleeps, ticks, ticks[1:]):
+        want[f"time_{phase}_s"] = want.get(f"time_{phase}_s", 0.0) + b - a
+    assert sorted(r) == sorted([*want, "step_time_s"])
+    for key, seconds in want.items():
+        assert r[key] == pytest.approx(seconds, abs=0.01), (key, r)
+    assert r["time_compute_s"] >= 0.1 and r["time_comm_s"] >= 0.03 and r["time_optim_s"] >= 0.08
+    assert r["step_time_s"] == pytest.approx(ticks[-1] - ticks[0], abs=0.01)
 
 
 def test_scalars_for_wandb_and_tensorboard():
@@ -103,15 +117,13 @@ def test_scalars_for_wandb_and_tensorboard():
 
 
 def test_finite_state_check_refuses_nan_weights_and_moments():
-    from moeforge.parallel.zero import ShardedAdamW
-
     model = torch.nn.Linear(4, 4)
     opt = ShardedAdamW(list(model.named_parameters()))
     require_finite_state(model, opt, step=1)  # clean: passes
-    opt.groups[0].exp_avg[3] = float("inf")
-    with pytest.raises(RuntimeError, match=r"refusing to checkpoint step 7.*exp_avg"):
+    opt.state_tensors()["dense.exp_avg_sq"][3] = float("inf")
+    with pytest.raises(RuntimeError, match=r"refusing to checkpoint step 7.*dense.exp_avg_sq"):
         require_finite_state(model, opt, step=7)
-    opt.groups[0].exp_avg.zero_()
+    opt.state_tensors()["dense.exp_avg_sq"].zero_()
     with torch.no_grad():
         model.weight[0, 0] = float("nan")
     with pytest.raises(RuntimeError, match="weight"):
@@ -134,9 +146,6 @@ def test_report_pngs_from_a_metrics_file(tmp_path):
 
 
 def test_tensorboard_sink_or_a_clear_error(tmp_path):
-    from moeforge.train.config import LoggingConfig
-    from moeforge.train.metrics import MetricsLogger
-
     cfg = LoggingConfig(tensorboard=True)
     try:
         import tensorboard  # noqa: F401

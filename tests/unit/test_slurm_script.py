@@ -221,7 +221,7 @@ def test_a_relayed_copy_of_the_signal_does_not_kill_the_rank():
     """Under Slurm each rank gets the notice twice (slurmstepd signals the whole step; torchrun's agent
     forwards its copy): the second, within DUPLICATE_WINDOW_S, is ignored instead of killing the rank."""
     code = ("import os, signal, time\n"
-            "from train.preempt import PreemptionWatcher\n"
+            "from moeforge.train.preempt import PreemptionWatcher\n"
             "w = PreemptionWatcher([signal.SIGUSR1], 5).install()\n"
             "os.kill(os.getpid(), signal.SIGUSR1); os.kill(os.getpid(), signal.SIGUSR1)\n"
             "time.sleep(0.1)\n"
