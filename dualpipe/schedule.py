@@ -45,8 +45,8 @@ its tensors alive until then). Messages between two ranks match in posting order
 from a to b is the k-th receive on b from a. simulate(wait="batch") models exactly this and
 checks that paired messages describe the same tensor. Waiting for every batch in full
 (DeepSeek's `_commit_and_wait_comm`, wait="all") is deadlock-free too, but ZB1P loses its gain:
-a W then waits until the previous rank posts the receive of the B just sent (pp=8, n=20,
-F=3 B=4 W=2: bubble 71 against 35; 1F1B 63).
+a W then waits until the previous rank posts the receive of the B just sent, and its bubble
+becomes larger than 1F1B's (the simulated bubbles: docs/dualpipe.md).
 """
 from __future__ import annotations
 
