@@ -15,8 +15,8 @@ backward of another as two generators, alternated whenever one has an all-to-all
 (`overlap=True` and an async dispatcher); otherwise one after the other. The backward of a pair is full;
 with `fb_weight_split=True` (and overlap) it runs as B then W piece by piece, so that each piece's weight
 gradients compute under the all-to-all its B started (TR Figure 4). That hides more of the all-to-all
-but costs the B/W split's graph walks: on 2 CPU cores 17% more CPU per step than the full backward
-(docs/dualpipe.md "Measured overlap"), so it is off by default.
+but costs the B/W split's graph walks (CPU per step: docs/dualpipe.md "Measured overlap"), so it is off
+by default.
 
 Communication: each maximal run of SEND/RECV actions is one `dist.batch_isend_irecv` (ops in list order,
 peers are global ranks: the schedule's pp ranks mapped through `pp_group`). A batch holding a receive is

@@ -20,8 +20,7 @@ attention pieces included (TR Figure 4):
     computes:   B COMBINE_bwd | F ATTN    | B MLP_bwd  | F MLP      | B ATTN_bwd, COMBINE_bwd | F COMBINE, ATTN
     in flight:  -             | B combine | F dispatch | B dispatch | F combine               | B combine  ...
 (forward first, the pair would end with the backward's last dispatch behind the forward's small
-COMBINE piece: bench/overlap_bench.py, one run at 120 Mbit/s, hid 41% of the all-to-all time
-forward-first and 53% backward-first). With a synchronous dispatcher (ep = 1) nothing yields and the
+COMBINE piece, which hides less of it: docs/dualpipe.md "Measured overlap"). With a synchronous dispatcher (ep = 1) nothing yields and the
 pair runs one after the other.
 
 B and W (zero-bubble split, Qi et al. 2023). B computes, piece by piece, the gradients of the piece's
