@@ -16,6 +16,11 @@ from torch import nn
 from .args import ModelArgs
 
 
+# The RMSNorms after the low-rank compressions of q and kv use eps 1e-6 whatever model.norm_eps says, as
+# DeepSeek's inference/model.py and Hugging Face's DeepseekV3 do (norm_eps is the blocks' and the head's).
+LATENT_NORM_EPS = 1e-6
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None):
         super().__init__()
@@ -73,10 +78,10 @@ class MLA(nn.Module):
             self.wq = nn.Linear(args.dim, self.n_heads * self.qk_head_dim, **kw)
         else:
             self.wq_a = nn.Linear(args.dim, self.q_lora_rank, **kw)
-            self.q_norm = RMSNorm(self.q_lora_rank, args.norm_eps, device, dtype)
+            self.q_norm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS, device, dtype)
             self.wq_b = nn.Linear(self.q_lora_rank, self.n_heads * self.qk_head_dim, **kw)
         self.wkv_a = nn.Linear(args.dim, self.kv_lora_rank + self.qk_rope_head_dim, **kw)
-        self.kv_norm = RMSNorm(self.kv_lora_rank, args.norm_eps, device, dtype)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS, device, dtype)
         self.wkv_b = nn.Linear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), **kw)
         self.wo = nn.Linear(self.n_heads * self.v_head_dim, args.dim, **kw)
 

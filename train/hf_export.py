@@ -22,9 +22,9 @@ that do not know MTP ignore it. Rotary dimensions stay in DeepSeek's interleaved
 "moeforge", our ModelArgs, so an import restores fields HF has no name for.
 
 HF's DeepseekV3ForCausalLM hard-codes two things our ModelArgs can vary: it always routes with sigmoid
-scores, and its q_a_layernorm/kv_a_layernorm always use eps 1e-6 (so does DeepSeek's inference/model.py;
-our MLA uses norm_eps). Export refuses a model that differs there rather than write one that loads and
-computes something else. tests/unit/test_hf_export.py loads the export with transformers and compares
+scores, and it scores a group by its top-2 experts, so it needs at least 2 experts per group (ours takes
+min(2, group size)). Export refuses a model that differs there rather than write one that loads and
+computes something else (or fails in HF's router). tests/unit/test_hf_export.py loads the export with transformers and compares
 its logits with ours.
 
 The files are written and read with the `safetensors` package. Export streams: one output shard of
@@ -132,9 +132,9 @@ def from_hf_name(name: str, n_layers: int) -> str | None:
 def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
     if args.score_func != "sigmoid":
         raise ValueError(f"model.score_func={args.score_func!r}: DeepseekV3ForCausalLM routes with sigmoid scores only")
-    if args.norm_eps != 1e-6:
-        raise ValueError(f"model.norm_eps={args.norm_eps}: DeepseekV3ForCausalLM fixes the eps of q_a_layernorm and "
-                         "kv_a_layernorm at 1e-6, so the exported model would compute other logits")
+    if args.n_expert_groups > 1 and args.n_routed_experts // args.n_expert_groups < 2:
+        raise ValueError(f"model.n_expert_groups={args.n_expert_groups} with n_routed_experts={args.n_routed_experts}: "
+                         "DeepseekV3ForCausalLM scores a group by its top-2 experts and needs >= 2 per group")
     yarn = args.max_seq_len > args.original_seq_len  # our MLA applies YaRN (and its mscale) only then
     return {
         "architectures": ["DeepseekV3ForCausalLM"],

@@ -89,6 +89,8 @@ def test_names_follow_hugging_face_deepseek_v3():
 # ramp between beta_fast and beta_slow spans several frequencies (with 8 it moved in whole steps only).
 HF_CASES = {
     "q_lora": replace(ARGS, init_std=0.05),
+    # norm_eps reaches the blocks' and the head's norms (rms_norm_eps); q/kv latent norms stay at 1e-6 on both sides
+    "norm_eps_1e-3": replace(ARGS, init_std=0.05, norm_eps=1e-3),
     "yarn_no_q_lora": replace(ARGS, init_std=0.05, q_lora_rank=0, qk_rope_head_dim=32, max_seq_len=2048,
                               original_seq_len=1024, rope_factor=4.0, mscale=0.707, rope_theta=50000.0,
                               route_scale=1.5),
@@ -123,7 +125,7 @@ def test_transformers_loads_the_export_and_gives_our_logits(case, tmp_path):
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("change", [dict(score_func="softmax"), dict(norm_eps=1e-5)])
+@pytest.mark.parametrize("change", [dict(score_func="softmax"), dict(n_expert_groups=8, n_limited_groups=2)])
 def test_export_refuses_what_deepseek_v3_for_causal_lm_cannot_compute(change, tmp_path):
     path = _save(tmp_path / "ck", Transformer(replace(ARGS, **change)))
     with pytest.raises(ValueError, match=next(iter(change))):
