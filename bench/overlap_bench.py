@@ -221,7 +221,7 @@ def _build(args, schedule: str, pp_rank: int, ep_group, ep_rank: int):
 def _ours(cfg: Config, args, schedule, pp_rank, pp_group, ep_group, ep_rank):
     from moeforge.dualpipe.runtime import PipelineRuntime
     from moeforge.dualpipe.schedule import num_stages
-    from moeforge.model.split import stage_layers
+    from moeforge.model.stages import stage_layers
 
     model, stages, counters = _build(args, schedule, pp_rank, ep_group, ep_rank)
     rt = PipelineRuntime.for_schedule(schedule, stages, pp_group, cfg.n_micro, timeout_s=cfg.timeout_s,

@@ -39,7 +39,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from moeforge.model.split import StageModule, stage_layers
+from moeforge.model.split import StageModule
+from moeforge.model.stages import stage_layers
 
 from .schedule import Action, build_schedule, is_reverse, stage_to_rank
 from .stage import Chunk, interleave, run, stage_forward

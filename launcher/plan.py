@@ -96,58 +96,48 @@ def load_cluster(values: dict[str, str]) -> Cluster:
 def ep_bytes_for_routing(indices, topo, dim: int, x_bytes: int, fp8: bool, two_hop: bool) -> list[dict]:
     """What each ep rank's ByteCounters records for one MoE layer's dispatch + combine, forward and backward.
 
-    indices[p]: the global expert ids [N_p, K] picked by ep rank p's tokens (a numpy array or a CPU
-    tensor). Returns, per rank, a dict {(event, link, part): bytes} with the keys of ByteCounters.bytes
-    (zero entries left out). Rows follow comm.layout: flat sends a token once to each rank owning one of
-    its experts; two-hop sends it once to the relay (same local index) of each node it picked, and the
-    relay forwards it once to each rank of its node owning one of its experts. The backward and the
-    combine send the same rows the other way.
+    indices[p]: the global expert ids [N_p, K] picked by ep rank p's tokens (CPU tensors). Returns, per
+    rank, a dict {(event, link, part): bytes} with the keys of ByteCounters.bytes (zero entries left out).
+    The rows are the dispatcher's own (_hop_sends); the backward and the combine send them the other way.
     """
-    import numpy as np
-
-    K = np.asarray(indices[0]).shape[1]
-    return _bytes_from_rows(_routed_rows(indices, topo), topo, K, dim, x_bytes, fp8, two_hop)
+    return _bytes_of_hops(_hop_sends(indices, topo, two_hop), topo, indices[0].size(1), dim, x_bytes, fp8)
 
 
-def _routed_rows(indices, topo):
-    """([src, dst] tokens of src with an expert on ep rank dst, [src, node] tokens of src picking that node):
-    comm.layout's dest_rank_mask and nodes_per_token, summed per source rank."""
-    import numpy as np
+def _hop_sends(indices, topo, two_hop: bool) -> list[list[list[int]]]:
+    """Per hop of the dispatch, sends[s][p]: rows ep rank s sends to ep rank p, planned as comm/all_to_all.py
+    plans them: flat, plan_sends(dest_rank_mask); two-hop, plan_sends(two_hop_first_mask) at each sender,
+    then plan_sends(two_hop_second_mask) at each relay over the rows it received."""
+    import torch
 
-    rank_of = np.arange(topo.n_experts) // topo.experts_per_rank  # [E]: topo.expert_rank_table()
-    node_of = np.asarray(topo.node_of)[rank_of]  # [E]: topo.expert_node_table()
-    n = np.zeros((len(indices), topo.ep_size), dtype=np.int64)
-    hit = np.zeros((len(indices), topo.n_nodes), dtype=np.int64)
-    for p, ids in enumerate(indices):
-        ids_NK = np.asarray(ids)
-        rows = np.arange(ids_NK.shape[0])[:, None]
-        hit_rank = np.zeros((ids_NK.shape[0], topo.ep_size), dtype=bool)
-        hit_rank[rows, rank_of[ids_NK]] = True  # [N, P]
-        hit_node = np.zeros((ids_NK.shape[0], topo.n_nodes), dtype=bool)
-        hit_node[rows, node_of[ids_NK]] = True  # [N, M]
-        n[p], hit[p] = hit_rank.sum(0), hit_node.sum(0)
-    return n, hit
+    from moeforge.comm.layout import dest_rank_mask, plan_sends, two_hop_first_mask, two_hop_second_mask
+
+    if not two_hop:
+        return [[plan_sends(dest_rank_mask(ids, topo))[1] for ids in indices]]
+    topo.check_two_hop()
+    first, chunks = [], []
+    for s, ids in enumerate(indices):
+        src_rows, send = plan_sends(two_hop_first_mask(ids, topo, s))
+        first.append(send)
+        chunks.append(ids[src_rows].split(send))  # what each relay receives from s
+    received = [torch.cat([c[r] for c in chunks]) for r in range(topo.ep_size)]
+    return [first, [plan_sends(two_hop_second_mask(ids, topo, r))[1] for r, ids in enumerate(received)]]
 
 
-def _bytes_from_rows(rows, topo, K: int, dim: int, x_bytes: int, fp8: bool, two_hop: bool) -> list[dict]:
-    import numpy as np
+@functools.lru_cache(maxsize=16)
+def _link_masks(topo) -> dict:
+    """{link: [P, P] bool, s -> p crosses that link} from EPTopology.link."""
+    import torch
 
-    n, hit = rows
     P = topo.ep_size
-    hops = [n]
-    if two_hop:
-        topo.check_two_hop()
-        on = [topo.ranks_on(m) for m in range(topo.n_nodes)]
-        local = [s - on[topo.node_of[s]][0] for s in range(P)]  # topo.local_index, without its O(P) lookups
-        relay = np.array([[on[m][local[s]] for m in range(topo.n_nodes)] for s in range(P)])  # [P, M]: topo.relay
-        h1 = np.zeros((P, P), dtype=np.int64)  # hop 1: src -> relay of each node
-        h1[np.arange(P)[:, None], relay] = hit
-        h2 = np.zeros((P, P), dtype=np.int64)  # hop 2: relay -> the owners on its node
-        np.add.at(h2, (relay[:, list(topo.node_of)].ravel(), np.tile(np.arange(P), P)), n.ravel())
-        hops = [h1, h2]
-    node_of = np.asarray(topo.node_of)
-    link = {"intra": (node_of[:, None] == node_of[None, :]) & ~np.eye(P, dtype=bool),
-            "inter": node_of[:, None] != node_of[None, :]}
+    links = [[topo.link(s, p) for p in range(P)] for s in range(P)]
+    return {lk: torch.tensor([[x == lk for x in row] for row in links]) for lk in ("intra", "inter")}
+
+
+def _bytes_of_hops(hops, topo, K: int, dim: int, x_bytes: int, fp8: bool) -> list[dict]:
+    import torch
+
+    P = topo.ep_size
+    link = _link_masks(topo)
     x_out = dim + 4 * math.ceil(dim / 128) if fp8 else dim * x_bytes  # dispatch direction: E4M3 + fp32 scales
     x_back = dim * x_bytes  # combine forward and dispatch backward stay in the activation dtype
     out = [dict() for _ in range(P)]
@@ -158,8 +148,9 @@ def _bytes_from_rows(rows, topo, K: int, dim: int, x_bytes: int, fp8: bool, two_
                 if r:
                     out[s][(event, lk, part)] = out[s].get((event, lk, part), 0) + r * row_bytes
 
-    for h in hops:
-        add(np.ones((P, P), dtype=np.int64), "dispatch_fwd", "counts", 8)  # one count exchange per hop
+    for sends in hops:
+        h = torch.tensor(sends, dtype=torch.int64)
+        add(torch.ones(P, P, dtype=torch.int64), "dispatch_fwd", "counts", 8)  # one count exchange per hop
         add(h, "dispatch_fwd", "x", x_out)
         add(h, "dispatch_fwd", "meta", 8 * K)  # gate weights fp32 + expert ids int32
         add(h, "combine_bwd", "x", x_out)
@@ -178,14 +169,12 @@ def _uniform_ids(args, seed: int = 0):
     from moeforge.model.routing import route
 
     logits = np.random.default_rng(seed).standard_normal((MC_TOKENS, args.n_routed_experts), dtype=np.float32)
-    return route(torch.from_numpy(logits), torch.zeros(args.n_routed_experts), args)[1].numpy()
+    return route(torch.from_numpy(logits), torch.zeros(args.n_routed_experts), args)[1]
 
 
 def uniform_routing(args, ep: int, seed: int = 0) -> tuple:
     """Per ep rank, MC_TOKENS/ep tokens routed as model.moe.Gate routes i.i.d. N(0,1) logits (bias 0)."""
-    import numpy as np
-
-    return tuple(np.array_split(_uniform_ids(args, seed), ep))
+    return _uniform_ids(args, seed).tensor_split(ep)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from torch import nn
 from .args import ModelArgs
 from .loss import cross_entropy, split_window, total_loss
 from .moe import MoE
-from .stages import stage_blocks, stage_layers  # noqa: F401 (the pure split rule, re-exported)
+from .stages import stage_layers
 from .transformer import Transformer
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moeforge.model.loss import split_window  # noqa: F401 (moved to the model; re-exported)
 
 EOT = 256
 VOCAB_SIZE = 257

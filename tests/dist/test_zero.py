@@ -7,7 +7,6 @@ grads gives bitwise-identical params and moments (FP32 and BF16 moments), optimi
 rank are 1/dp (dense) and 1/edp (experts) of the unsharded ones within the alignment padding, state
 reshards between layouts, and reduce_gradients / clip_grad_norm_ match a single-process reference.
 """
-import copy
 import zlib
 
 import pytest

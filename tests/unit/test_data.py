@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from moeforge.train.data import EOT, TokenSampler, decode, encode, prepare, split_window
+from moeforge.model.loss import split_window
+from moeforge.train.data import EOT, TokenSampler, decode, encode, prepare
 
 
 @pytest.fixture()

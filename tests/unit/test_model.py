@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from moeforge.model.args import ModelArgs, load_preset, preset_names
 from moeforge.model.mla import MLA, apply_rope, yarn_freqs
-from moeforge.model.moe import MoE, Gate, LocalDispatcher, sequence_balance_loss, update_balance_bias_
+from moeforge.model.moe import MoE, Gate, sequence_balance_loss, update_balance_bias_
 from moeforge.model.transformer import Transformer, param_counts
 
 

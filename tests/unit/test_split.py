@@ -8,7 +8,8 @@ import torch
 from moeforge.dualpipe.stage import Chunk, backward_input, run, stage_forward
 from moeforge.model.args import load_preset
 from moeforge.model.loss import lm_losses, total_loss
-from moeforge.model.split import build_stage, build_stages, stage_blocks, stage_layers
+from moeforge.model.split import build_stage, build_stages
+from moeforge.model.stages import stage_blocks, stage_layers
 from moeforge.model.transformer import Transformer
 
 
