@@ -42,6 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moeforge.model.args import ModelArgs
+from moeforge.model.transformer import Transformer
 
 from . import checkpoint as ckpt
 
@@ -323,8 +324,6 @@ def import_hf(hf_dir: str | Path, out_root: str | Path, step: int = 0, name: str
         if hf in shared and not torch.equal(shared[hf].to(state[f"model.{key}"].dtype), state[f"model.{key}"]):
             log(f"ckpt import: {hf} differs from {key}; moeforge shares one tensor and keeps {key}")
     with torch.device("meta"):  # the tensors must be exactly the model's
-        from moeforge.model.transformer import Transformer
-
         expected = {f"model.{k}": tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))

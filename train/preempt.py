@@ -18,6 +18,9 @@ import signal
 import sys
 import time
 
+import torch
+import torch.distributed as dist
+
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "temporary failure, the user is invited to retry"
 DUPLICATE_WINDOW_S = 5.0  # a repeat of the first signal this soon is the launcher's echo, not a second request
 
@@ -78,10 +81,7 @@ class PreemptionWatcher:
     def agreed(self, group=None, device=None) -> bool:
         """Collective over `group` (None: this process only): did any rank get a signal?"""
         mine = -1.0 if self.received_at is None else time.monotonic() - self.received_at
-        if group is not None:  # torch only here: train/config.py imports this module; `moeforge plan` has no torch
-            import torch
-            import torch.distributed as dist
-
+        if group is not None:
             t = torch.tensor([mine], dtype=torch.float64, device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
             mine = float(t.item())
