@@ -18,6 +18,7 @@ with mask = "p is on my node and the row picked an expert on p" (intra-node only
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -65,7 +66,15 @@ class EPTopology:
         return rank * self.experts_per_rank, (rank + 1) * self.experts_per_rank
 
     def ranks_on(self, node: int) -> list[int]:
-        return [p for p, n in enumerate(self.node_of) if n == node]
+        return list(self._ranks_by_node.get(node, ()))
+
+    @functools.cached_property
+    def _ranks_by_node(self) -> dict[int, tuple[int, ...]]:
+        """ranks_on's table, built once: relay() and local_index() call it per (src, node)."""
+        by_node: dict[int, list[int]] = {}
+        for p, n in enumerate(self.node_of):
+            by_node.setdefault(n, []).append(p)
+        return {n: tuple(ranks) for n, ranks in by_node.items()}
 
     def local_index(self, rank: int) -> int:
         return rank - self.ranks_on(self.node_of[rank])[0]

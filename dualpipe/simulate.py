@@ -43,18 +43,20 @@ largest bubble is at most the formula.
 
 Activations: one unit is one stage's activations for one micro-batch. A chunk is live from the
 start of its forward to the end of its input backward (B, BW, or an FB's backward), so during an
-FB both chunks are live. peak_activations[r] is the most live chunks on rank r at once.
+FB both chunks are live. peak_activations[r] is the most live chunks on rank r at once; live_peaks
+counts it (and the bytes, given each stage's) on any action list, such as the planner's.
 """
 from __future__ import annotations
 
 import json
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from moeforge.dualpipe.schedule import COMM_OPS, COMPUTE_OPS, Action, num_stages
 
 WAIT_MODES = ("batch", "recvs", "all")
+_ONE = defaultdict(lambda: 1)  # live_peaks without activation sizes: every chunk counts 1
 
 
 class ScheduleError(ValueError):
@@ -116,7 +118,7 @@ class SimResult:
 
     @property
     def peak_activations(self) -> list[int]:
-        return [_peak_activations(t) for t in self.timeline]
+        return [live_peaks(a for _, _, a in t)[0] for t in self.timeline]
 
     @property
     def param_copies(self) -> list[int]:
@@ -362,14 +364,27 @@ def _check_pair(ch: tuple[int, int], i: int, send: Action, recv: Action) -> None
         raise ScheduleError(f"ranks {ch[0]}->{ch[1]}, message {i}: {send} does not match {recv}")
 
 
-def _peak_activations(timeline: Sequence[tuple[float, float, Action]]) -> int:
-    live = peak = 0
-    for _, _, a in timeline:
-        parts = _parts(a)
-        live += sum(kind == "F" for kind, _, _ in parts)
-        peak = max(peak, live)
-        live -= sum(kind == "I" for kind, _, _ in parts)
-    return peak
+def live_peaks(actions: Iterable[Action], act_of_stage: Sequence[float] | None = None) -> tuple[int, float]:
+    """(the most chunks, the most activation) live at once on a rank that runs `actions` in order (the
+    module docstring: from a chunk's F to its input backward; during an FB both are live). Comm actions
+    and W change nothing. act_of_stage[s]: one chunk of stage s; None: 1 per chunk."""
+    act = _ONE if act_of_stage is None else act_of_stage
+    chunks = most_chunks = 0
+    live = peak = 0.0
+    for a in actions:
+        op = a.op
+        if op == "F" or op == "FB":
+            chunks += 1
+            live += act[a.stage]
+            most_chunks = max(most_chunks, chunks)
+            peak = max(peak, live)
+            if op == "FB":
+                chunks -= 1
+                live -= act[a.b_stage]
+        elif op == "B" or op == "BW":
+            chunks -= 1
+            live -= act[a.stage]
+    return most_chunks, peak
 
 
 def to_chrome_trace(timeline: Sequence[Sequence[tuple[float, float, object]]], path: str | None = None,

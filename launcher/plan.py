@@ -10,8 +10,9 @@ train.seq_len, train.micro_batch_size and train.global_batch_size default to mod
   - model/flops.py: parameters, FLOPs per token and per module (the one place of that arithmetic);
   - model/stages.py stage_layers: which modules each pipeline stage holds (model/split.py's, the runtime's split);
   - dualpipe/schedule.py + simulate.py: the action lists, their makespan and bubble (simulate with
-    check=False: the generators' lists pass its checks; tests/unit/test_plan_speed.py);
-  - comm/layout.py: which ep rank and node each routed token goes to, flat or two-hop;
+    check=False: the generators' lists pass its checks; tests/unit/test_plan_speed.py), the chunks and
+    activation bytes in flight (live_peaks);
+  - comm/layout.py: the dispatcher's own send plans, flat or two-hop;
   - conf/cluster/*.yaml: memory, peak FLOP rates, link bandwidths, an efficiency factor.
 
 The model, explicitly (docs/plan.md has the same with the reasons):
@@ -34,6 +35,7 @@ The model, explicitly (docs/plan.md has the same with the reasons):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import math
@@ -114,13 +116,18 @@ def _hop_sends(indices, topo, two_hop: bool) -> list[list[list[int]]]:
     if not two_hop:
         return [[plan_sends(dest_rank_mask(ids, topo))[1] for ids in indices]]
     topo.check_two_hop()
-    first, chunks = [], []
+    first, received = [], [[] for _ in range(topo.ep_size)]  # the expert ids each relay receives
     for s, ids in enumerate(indices):
         src_rows, send = plan_sends(two_hop_first_mask(ids, topo, s))
         first.append(send)
-        chunks.append(ids[src_rows].split(send))  # what each relay receives from s
-    received = [torch.cat([c[r] for c in chunks]) for r in range(topo.ep_size)]
-    return [first, [plan_sends(two_hop_second_mask(ids, topo, r))[1] for r, ids in enumerate(received)]]
+        rows, start = ids[src_rows], 0
+        for r, k in enumerate(send):
+            if k:
+                received[r].append(rows[start:start + k])
+                start += k
+    second = [plan_sends(two_hop_second_mask(torch.cat(ids) if ids else indices[0][:0], topo, r))[1]
+              for r, ids in enumerate(received)]
+    return [first, second]
 
 
 @functools.lru_cache(maxsize=16)
@@ -129,8 +136,8 @@ def _link_masks(topo) -> dict:
     import torch
 
     P = topo.ep_size
-    links = [[topo.link(s, p) for p in range(P)] for s in range(P)]
-    return {lk: torch.tensor([[x == lk for x in row] for row in links]) for lk in ("intra", "inter")}
+    links = [topo.link(s, p) for s in range(P) for p in range(P)]
+    return {lk: torch.tensor([x == lk for x in links]).view(P, P) for lk in ("intra", "inter")}
 
 
 def _bytes_of_hops(hops, topo, K: int, dim: int, x_bytes: int, fp8: bool) -> list[dict]:
@@ -202,15 +209,43 @@ def ep_traffic(args, ep: int, ranks_per_node: int, x_bytes: int, modes=ALL_MODES
     if ep == 1:
         return {m: EPTraffic({}, {}, 1.0, 1.0) for m in modes}
     topo = EPTopology.from_ranks(list(range(ep)), args.n_routed_experts, ranks_per_node)
-    rows = _routed_rows(uniform_routing(args, ep), topo)
-    n = MC_TOKENS
-    ranks, nodes = rows[0].sum().item() / n, rows[1].sum().item() / n
+    indices = uniform_routing(args, ep)
+    with _one_thread():  # a rank's masks are MC_TOKENS/ep rows: a second thread only adds its hand-off
+        return _ep_traffic(indices, topo, args, x_bytes, modes)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _ep_traffic(indices, topo, args, x_bytes: int, modes) -> dict:
+    import torch
+
+    from moeforge.comm.layout import nodes_per_token
+
+    ep, n = topo.ep_size, MC_TOKENS
+    hops = {False: _hop_sends(indices, topo, False)}
+    ranks = sum(map(sum, hops[False][0])) / n  # flat dispatch sends a token once to each rank it picked
+    nodes = nodes_per_token(torch.cat(indices), topo).sum().item() / n
     out = {}
     for two_hop, fp8 in modes:
-        if two_hop and len({len(topo.ranks_on(m)) for m in range(topo.n_nodes)}) > 1:
-            continue  # two-hop needs as many ep ranks on every node
+        if two_hop not in hops:
+            try:
+                hops[True] = _hop_sends(indices, topo, True)
+            except ValueError:  # two-hop needs as many ep ranks on every node
+                hops[True] = None
+        if hops[two_hop] is None:
+            continue
         tok, call = {}, {}
-        for d in _bytes_from_rows(rows, topo, args.n_activated_experts, args.dim, x_bytes, fp8, two_hop):
+        for d in _bytes_of_hops(hops[two_hop], topo, args.n_activated_experts, args.dim, x_bytes, fp8):
             for (e, lk, part), b in d.items():
                 target = call if part == "counts" else tok
                 target[(e, lk)] = target.get((e, lk), 0) + b
@@ -366,27 +401,6 @@ class LayoutPlan:
         return self.flops_per_token * self.tokens_per_s(r) / (self.cluster.world * peak_tflops * 1e12)
 
 
-def _peaks(actions, act_of_stage) -> tuple[int, float]:
-    """(the most chunks, the most activation) a rank holds at once: a chunk is live from its F to its input
-    backward; during an F&B both chunks are (the order dualpipe.simulate counts peak_activations in)."""
-    chunks = most_chunks = 0
-    live = peak = 0.0
-    for a in actions:
-        op = a.op
-        if op == "F" or op == "FB":
-            chunks += 1
-            live += act_of_stage[a.stage]
-            most_chunks = max(most_chunks, chunks)
-            peak = max(peak, live)
-            if op == "FB":
-                chunks -= 1
-                live -= act_of_stage[a.b_stage]
-        elif op == "B" or op == "BW":
-            chunks -= 1
-            live -= act_of_stage[a.stage]
-    return most_chunks, peak
-
-
 # The rank whose bubble is the report's formula (dualpipe.simulate's docstring): closed-form makespan.
 _FORMULA_RANK = {"1f1b": lambda pp: 0, "zb1p": lambda pp: 0, "dualpipe": lambda pp: pp // 2 - 1,
                  "dualpipev": lambda pp: pp - 1}
@@ -425,7 +439,7 @@ class _Layout:
 def _price_schedule(name: str, L: _Layout, stages: list[Stage], tr: EPTraffic) -> ScheduleResult:
     """One schedule on one layout: chunk costs, makespan and bubble, ZeRO-1 sync, memory of the fullest rank."""
     from moeforge.dualpipe.schedule import stage_placement, validate
-    from moeforge.dualpipe.simulate import Costs, bubble_formula, simulate
+    from moeforge.dualpipe.simulate import Costs, bubble_formula, live_peaks, simulate
 
     res = ScheduleResult(name)
     try:
@@ -466,7 +480,7 @@ def _price_schedule(name: str, L: _Layout, stages: list[Stage], tr: EPTraffic) -
         n_short = min(L.n_micro, 2 * S + 2)
         sched = _schedule(name, L.pp, n_short + (n_short % 2 if name == "dualpipe" else 0))
     act = [s.act * tokens for s in stages]
-    peaks = [_peaks(acts, act) for acts in sched]
+    peaks = [live_peaks(acts, act) for acts in sched]
     res.peak_chunks = max(chunks for chunks, _ in peaks)
     edp = L.dp // L.ep
     moment = 2 if cfg.train.moment_dtype == "bfloat16" else 4

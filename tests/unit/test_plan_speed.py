@@ -1,11 +1,8 @@
-"""What keeps `moeforge plan` fast, held to the slow way: simulate() without its checks (check=False),
-one walk for both activation peaks. No timings here."""
-import random
-
+"""What keeps `moeforge plan` fast, held to the slow way: simulate() without its checks (check=False).
+No timings here."""
 import pytest
 
 from moeforge import dualpipe
-from moeforge.dualpipe.schedule import SCHEDULES, build_schedule, num_stages
 from moeforge.dualpipe.simulate import simulate
 from moeforge.launcher import plan as P
 
@@ -31,29 +28,3 @@ def test_plan_pipeline_is_the_checked_simulators(overrides, monkeypatch):
     for (sched, costs), name in zip(calls, P.SCHEDULE_ORDER):
         sim = simulate(sched, costs)
         assert (plan.schedules[name].makespan, plan.schedules[name].bubble) == (sim.makespan, sim.max_bubble)
-
-
-def _peak_walk(actions, act_of_stage):
-    """The plan's activation peak as first written: every action, max after each."""
-    live = peak = 0.0
-    for a in actions:
-        if a.op in ("F", "FB"):
-            live += act_of_stage[a.stage]
-        peak = max(peak, live)
-        if a.op in ("B", "BW"):
-            live -= act_of_stage[a.stage]
-        elif a.op == "FB":
-            live -= act_of_stage[a.b_stage]
-    return peak
-
-
-@pytest.mark.parametrize("name", SCHEDULES)
-def test_one_walk_gives_both_peaks(name):
-    rng = random.Random(0)
-    for pp, n in ((4, 8), (8, 20), (16, 34)):
-        S = num_stages(name, pp)
-        sched = build_schedule(name, pp, n)
-        act = [rng.uniform(1e9, 4e9) for _ in range(S)]
-        peaks = [P._peaks(actions, act) for actions in sched]
-        assert [chunks for chunks, _ in peaks] == simulate(sched).peak_activations
-        assert [live for _, live in peaks] == [_peak_walk(actions, act) for actions in sched]

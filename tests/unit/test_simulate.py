@@ -5,7 +5,7 @@ import pytest
 
 from moeforge.dualpipe.schedule import Action, build_schedule, num_stages
 from moeforge.dualpipe.simulate import (
-    WAIT_MODES, Costs, ScheduleDeadlock, ScheduleError, bubble_formula, simulate, to_chrome_trace,
+    WAIT_MODES, Costs, ScheduleDeadlock, ScheduleError, bubble_formula, live_peaks, simulate, to_chrome_trace,
 )
 
 # Unequal costs, so a term counted once too often or too rarely changes the result. B is the
@@ -88,6 +88,24 @@ def test_activations_and_params_1f1b_zb1p(name, pp, n):
     r = _sim(name, pp, n, COSTS[0])
     assert r.peak_activations == [min(pp - rank, n) for rank in range(pp)]  # rank 0 holds PP
     assert r.param_copies == [1] * pp
+
+
+def test_live_peaks_counts_both_chunks_of_an_fb():
+    """Stage 0 holds 2 bytes a chunk, stage 1 holds 7: F0 F1 FB(F0, BW1) B0 W0 BW0, with comm in between."""
+    A = Action
+    actions = [A("F", 0, 0), A("F", 1, 0), A("SEND_F", 1, 0, peer=1), A("FB", 0, 1, b_stage=1, b_microbatch=0),
+               A("RECV_B", 0, 0, peer=1), A("B", 0, 0), A("W", 0, 0), A("BW", 0, 1)]
+    assert live_peaks(actions, [2.0, 7.0]) == (3, 11.0)  # 2 + 7 + 2 during the FB, before its backward ends
+    assert live_peaks(actions) == (3, 3.0)
+    assert live_peaks(actions[:2], [2.0, 7.0]) == (2, 9.0)
+
+
+@pytest.mark.parametrize("pp,n", [(4, 8), (8, 3)])
+def test_live_peaks_weighs_1f1b_chunks_by_stage(pp, n):
+    """1F1B: rank r holds min(pp - r, n) chunks of its one stage, so that many times its size."""
+    act = [float(3 ** s) for s in range(pp)]
+    got = [live_peaks(actions, act) for actions in build_schedule("1f1b", pp, n)]
+    assert got == [(min(pp - r, n), min(pp - r, n) * act[r]) for r in range(pp)]
 
 
 @pytest.mark.parametrize("split", [False, True])
