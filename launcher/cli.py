@@ -29,7 +29,9 @@ def _launch(args) -> int:
 def check_launch(args):
     """The config and the layout of a `moeforge launch`, checked before any process starts or any process
     group forms (where the world size is known here: numeric --nproc-per-node and --nnodes)."""
-    from .config import check_layout, load_job_config
+    from moeforge.train.build import check_layout
+
+    from .config import load_job_config
     from .torchrun import options_from_args
 
     cfg = load_job_config(args.overrides)

@@ -79,14 +79,3 @@ def _writable(node) -> None:
 def load_job_config(overrides: list[str] | None = None) -> JobConfig:
     return to_job_config(compose(overrides))
 
-
-def check_layout(cfg: JobConfig, world_size: int, procs_per_node: int):
-    """Everything about a job that can be wrong for its world size, checked before any process starts:
-    the parallel degrees (pp x dp, ep within dp, experts over ep), the batch split into micro-batches and
-    the pipeline schedule. Returns the ParallelDims; raises ValueError naming the fields."""
-    from moeforge.parallel.dims import ParallelDims
-    from moeforge.train.build import validate_schedule
-
-    dims = ParallelDims.from_config(cfg.parallel, world_size, procs_per_node, cfg.model.n_routed_experts)
-    validate_schedule(cfg, dims.pp, dims.dp)
-    return dims

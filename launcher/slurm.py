@@ -277,10 +277,9 @@ def job_from_args(ns: argparse.Namespace) -> SlurmJob:
                    signal_grace_s=ns.signal_grace, max_requeues=ns.max_requeues, max_failures=ns.max_failures,
                    rdzv_port=ns.rdzv_port, sbatch_options=tuple(ns.sbatch_option or ()), overrides=overrides,
                    run_dir=os.path.abspath(cfg.run_dir), workdir=os.getcwd())
-    from moeforge.parallel.dims import ParallelDims
+    from moeforge.train.build import check_layout
 
-    n = job.procs_per_node
-    ParallelDims.from_config(cfg.parallel, n * job.nodes, n, cfg.model.n_routed_experts)
+    check_layout(cfg, job.procs_per_node * job.nodes, job.procs_per_node)
     return job
 
 

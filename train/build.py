@@ -81,11 +81,20 @@ def validate_schedule(cfg, pp: int, dp: int) -> tuple[int, int]:
     return mbs, n_micro
 
 
+def check_layout(cfg, world_size: int, procs_per_node: int) -> ParallelDims:
+    """Everything about a job that can be wrong for its world size, checked before any process group forms:
+    the parallel degrees (pp x dp, ep within dp, experts over ep), the batch split into micro-batches and the
+    pipeline schedule. Every rank runs it at start-up; `moeforge launch` and `moeforge slurm submit` run it
+    before starting anything. Raises ValueError naming the fields."""
+    dims = ParallelDims.from_config(cfg.parallel, world_size, procs_per_node, cfg.model.n_routed_experts)
+    validate_schedule(cfg, dims.pp, dims.dp)
+    return dims
+
+
 def setup_distributed(cfg) -> tuple[RuntimeEnv, Meshes | None]:
     """(env, meshes): meshes is None for a single process. Validates the layout before any group forms."""
     env = RuntimeEnv.from_env()
-    dims = ParallelDims.from_config(cfg.parallel, env.world_size, env.local_world_size, cfg.model.n_routed_experts)
-    validate_schedule(cfg, dims.pp, dims.dp)
+    dims = check_layout(cfg, env.world_size, env.local_world_size)
     if env.world_size == 1:
         return env, None
     backend = init_distributed(env, cfg.parallel.backend, cfg.parallel.timeout_s)

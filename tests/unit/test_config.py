@@ -2,7 +2,8 @@
 import pytest
 
 from moeforge.launcher.cli import main
-from moeforge.launcher.config import ConfigError, check_layout, load_job_config
+from moeforge.launcher.config import ConfigError, load_job_config
+from moeforge.train.build import check_layout
 from moeforge.train.build import batch_split
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from moeforge.launcher.cli import build_parser, check_launch
-from moeforge.launcher.config import check_layout, load_job_config
+from moeforge.launcher.config import load_job_config
+from moeforge.train.build import check_layout
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -215,6 +215,10 @@ def test_dry_run_prints_the_script_and_checks_the_layout(capsys, tmp_path, monke
     assert main(["slurm", "submit", "--dry-run", "--nodes", "2", "--gpus-per-node", "8", "model=tiny",
                  "parallel.ep=3"]) == 2
     assert "ep" in capsys.readouterr().err
+    # and the batch split: 16 sequences over dp 16 in micro-batches of 8 do not divide
+    assert main(["slurm", "submit", "--dry-run", "--nodes", "2", "--gpus-per-node", "8", "model=tiny",
+                 "train.micro_batch_size=8"]) == 2
+    assert "train.micro_batch_size" in capsys.readouterr().err
 
 
 def test_a_relayed_copy_of_the_signal_does_not_kill_the_rank():
