@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The one prepared device check for fp8/ (issues 5 and 11). Correctness first, a short table last:
+# The one prepared device check (issues 5, 11, 18). Correctness first, a short table last:
 #   1. tests/gpu/test_fp8_gpu.py + test_fp8_grouped_gpu.py   Triton/cuBLAS vs the emulate twins      <= 140 s
-#   2. bench/fp8_gemm.py       dense FP8 GEMM TFLOP/s vs bf16 and cuBLAS blockwise; quantizer GB/s     <= 110 s
-#   3. bench/grouped_gemm.py   grouped FP8 GEMM vs dense; fused quantizers vs copy; one expert layer   <=  90 s
-#   4. bench/e2e_small.py      `small` tokens/s and MFU: bf16, fp8 grouped, fp8 loop                   <= 100 s
-#   5. bench/gpu_summary.py    the tables for bench/RESULTS.md, with the issue's goals marked
-# Budget: under 8 minutes on one H200 (the timeouts add up to 7.3; ~4 expected). Each step runs even if
+#   2. tests/gpu/test_comm_stream_gpu.py  EP exchange on NCCL (world size 1): CudaCommStream ==
+#                              ThreadCommStream bitwise, flat / two-hop / FP8                          <=  40 s
+#   3. bench/stream_overlap.py  torch.profiler trace of an F&B-like pair: NCCL all-to-all kernels vs
+#                              compute kernels, overlapped time from the kernel intervals              <=  40 s
+#   4. bench/fp8_gemm.py       dense FP8 GEMM TFLOP/s vs bf16 and cuBLAS blockwise; quantizer GB/s     <= 100 s
+#   5. bench/grouped_gemm.py   grouped FP8 GEMM vs dense; fused quantizers vs copy; one expert layer   <=  70 s
+#   6. bench/e2e_small.py      `small` tokens/s and MFU: bf16, fp8 grouped, fp8 loop                   <=  80 s
+#   7. bench/gpu_summary.py    the tables for bench/RESULTS.md, with the issues' goals marked
+# Budget: under 8 minutes on one H200 (the timeouts add up to 7.8; ~4.5 expected). Each step runs even if
 # an earlier one failed; the exit status is non-zero if any did.
 #   bash bench/gpu_check.sh            # from anywhere; logs and JSON go to $OUT (default /tmp/fp8_gpu_check)
 # Uses the machine's python3 (PYTHON=... to override): torch with CUDA, triton, pytest, pyyaml, numpy; no
@@ -46,13 +50,16 @@ step() {  # step NAME TIMEOUT_S LOG CMD...: run with a hard timeout, keep the lo
 
 step "gpu tests" 140 gpu_tests.log $PY -m pytest tests/gpu/test_fp8_gpu.py tests/gpu/test_fp8_grouped_gpu.py \
     -q -rs --noconftest -p no:cacheprovider
+step "comm stream on NCCL" 40 comm_stream.log $PY -m pytest tests/gpu/test_comm_stream_gpu.py \
+    -q -rs --noconftest -p no:cacheprovider
 if [ "$HAS_GPU" = 1 ]; then
-    step "bench/fp8_gemm.py" 110 fp8_bench.log $PY bench/fp8_gemm.py --json "$OUT/fp8_bench.json"
-    step "bench/grouped_gemm.py" 90 grouped_bench.log $PY bench/grouped_gemm.py --json "$OUT/grouped_bench.json"
-    step "bench/e2e_small.py" 100 e2e_small.log $PY bench/e2e_small.py --variants bf16,fp8_grouped,fp8_loop \
+    step "bench/stream_overlap.py" 40 stream_overlap.log $PY bench/stream_overlap.py --json "$OUT/stream_overlap.json"
+    step "bench/fp8_gemm.py" 100 fp8_bench.log $PY bench/fp8_gemm.py --json "$OUT/fp8_bench.json"
+    step "bench/grouped_gemm.py" 70 grouped_bench.log $PY bench/grouped_gemm.py --json "$OUT/grouped_bench.json"
+    step "bench/e2e_small.py" 80 e2e_small.log $PY bench/e2e_small.py --variants bf16,fp8_grouped,fp8_loop \
         --json "$OUT/e2e_small.json"
 else
-    echo "== benches: no CUDA GPU here, skipping bench/fp8_gemm.py, bench/grouped_gemm.py, bench/e2e_small.py =="
+    echo "== benches: no CUDA GPU here, skipping bench/stream_overlap.py, bench/fp8_gemm.py, bench/grouped_gemm.py, bench/e2e_small.py =="
     echo "   (on CPU: TRITON_INTERPRET=1 python bench/grouped_gemm.py --smoke; python bench/e2e_small.py --smoke)"
 fi
 echo "== summary (at $((SECONDS - T0))s) =="

@@ -1,5 +1,6 @@
 """The short table at the end of bench/gpu_check.sh: the JSON of each bench, as Markdown for bench/RESULTS.md,
-with issue 11's goals marked (ok / MISS). A missing JSON (its bench skipped, failed or was killed) is said.
+with issue 11's goals marked (ok / MISS) and issue 18's overlap answer (does the NCCL all-to-all kernel
+overlap compute kernels). A missing JSON (its bench skipped, failed or was killed) is said.
 
     python bench/gpu_summary.py OUT_DIR
 Goals: dense FP8 >= 1.6x bf16 matmul; grouped FP8 >= 0.85x dense FP8; quantizers >= 0.85x a device copy;
@@ -34,6 +35,15 @@ def num(r: dict, k: str, fmt: str = "{:.0f}") -> str:
 
 
 def main(out: str) -> None:
+    ov = load(out, "stream_overlap.json")
+    if ov:
+        frac = ov.get("overlap_fraction")
+        print(f"\n### EP all-to-all vs compute on one GPU ({ov.get('device')}, NCCL world size 1, CudaCommStream)")
+        print("| NCCL kernels | NCCL ms | overlapped with compute ms | fraction | overlaps |")
+        print("|---|---|---|---|---|")
+        print(f"| {ov['nccl_kernels']} | {ov['nccl_ms']:.3f} | {ov['nccl_overlapped_ms']:.3f} "
+              f"| {'-' if frac is None else f'{frac:.2f}'} "
+              f"| {'no NCCL kernel in the trace' if ov['overlaps'] is None else 'yes' if ov['overlaps'] else 'NO'} |")
     dense = load(out, "fp8_bench.json")
     if dense:
         bad = [k for k, v in dense["checks"].items() if not v]

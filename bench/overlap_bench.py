@@ -47,7 +47,7 @@ Every MoE layer uses comm.AllToAllDispatcher on the ep group, in every variant.
 
 Measured per step and rank; the bench wraps functions from outside and edits no library code:
   step      wall time from a world barrier to the end of the step, max over ranks; median over steps.
-  a2a exp.  time the main thread is blocked waiting for an exchange (comm.all_to_all.CommStream.wait:
+  a2a exp.  time the main thread is blocked waiting for an exchange (comm.streams.ThreadCommStream.wait:
             the row-count exchange, packing, the all-to-alls and unpacking all run on the ep group's
             stream thread); mean over ranks.
   stream    time the stream thread spent running the exchanges waited in the step (_Job.seconds), the
@@ -164,15 +164,15 @@ def instrument(blocked: Blocked) -> None:
     pipelining's p2p wait."""
     import torch.distributed.pipelining.schedules as tsched
 
-    from moeforge.comm.all_to_all import CommStream, _Job
+    from moeforge.comm.streams import ThreadCommStream, _Job
     from moeforge.dualpipe.runtime import PipelineRuntime
 
-    stream_submit, stream_wait, job_run = CommStream.submit, CommStream.wait, _Job.run
+    stream_submit, stream_wait, job_run = ThreadCommStream.submit, ThreadCommStream.wait, _Job.run
     our_wait, their_wait = PipelineRuntime._wait, tsched._wait_batch_p2p
 
-    def submit(self, program):
+    def submit(self, program, inputs=()):
         kind, t = getattr(program, "__name__", "?"), time.perf_counter()
-        job = stream_submit(self, program)
+        job = stream_submit(self, program, inputs)
         job.bench = [kind, t, t]  # kind, submitted, started on the stream
         return job
 
@@ -192,7 +192,7 @@ def instrument(blocked: Blocked) -> None:
                 row[i] += x
         return out
 
-    CommStream.submit, CommStream.wait, _Job.run = submit, wait, run
+    ThreadCommStream.submit, ThreadCommStream.wait, _Job.run = submit, wait, run
     PipelineRuntime._wait = lambda self, works, what: blocked.timed("p2p", our_wait, self, works, what)
     tsched._wait_batch_p2p = lambda work: blocked.timed("p2p", their_wait, work)
 

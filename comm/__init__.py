@@ -19,6 +19,8 @@ E4M3 in 1x128 tiles with power-of-2 scales (half the BF16 bytes), the combine in
 
     layout.py      pure arithmetic: topology (ranks on nodes, relays, link classes), send plans, node limit
     all_to_all.py  AllToAllDispatcher: autograd-correct dispatch/compute/combine, async Handles
+    streams.py     where exchanges run: ThreadCommStream (gloo) and CudaCommStream (NCCL, CUDA events)
+    fake_streams.py  fake_cuda_streams(): the torch.cuda stream API on CPU, checking the ordering rules
     counters.py    ByteCounters: bytes sent per link class (inter/intra-node) for the training log
 
 The model never imports this package: `parallel.apply_ep` shards the experts and sets each MoE's

@@ -21,19 +21,24 @@ backward), as TR §3.3.2 does; the combine forward and the dispatch backward sta
 dtype (BF16 on GPU, FP32/FP64 on CPU), and every sum runs in at least FP32. Quantization is treated as
 identity in backward (straight-through).
 
-Async and overlap. Every dispatch/combine is a `Handle`: starting it queues the whole exchange (the
-row-count exchange, each hop's packing and all-to-all, the unpacking) on the dispatcher's `CommStream`
-(one per model: apply_ep shares it between the layers), a thread that runs exchanges one after another in the order they were started, as a CUDA stream runs
-NCCL kernels; `wait()` blocks until that exchange is done and returns its result. So nothing of an
-exchange runs on the caller's thread: the count exchange before a dispatch (a rendezvous with every
-peer) and a two-hop relay's forwarding happen while the caller computes. A pipeline runtime overlapping
-two micro-batches (the DualPipe F&B pair) does, per MoE layer:
+Host reads. The only host read of an exchange is the split sizes: per hop, ONE `model.host.routing_counts`
+of the [P, 1 (+E/P)] counts this rank sends and receives (rows per rank; on the last hop also the
+(row, expert) pairs per expert of the receiver, its grouped-GEMM sizes, as DeepEP and Megatron exchange
+tokens_per_expert), exchanged in one all_to_all_single. Send orders and expert groupings are
+static-shape device ops sliced by those host counts (comm/layout.py). Flat dispatch: one read; two-hop:
+two (the relay's hop is planned from the rows the first hop brought). Combine and both backwards replay
+the plan: no host read.
+
+Async and overlap. Every dispatch/combine is a `Handle`: starting it submits the exchange (a program,
+comm/streams.py) to the dispatcher's comm stream (one per model: apply_ep shares it between the layers;
+a thread on gloo, a CUDA stream driven from the main thread on NCCL); `wait()` returns its result. A
+pipeline runtime overlapping two micro-batches (the DualPipe F&B pair) does, per MoE layer:
     h = disp.dispatch_async(x_ND, idx, w)     # micro-batch A's tokens start moving
-    ...compute micro-batch B's attention / backward chunk...
+    ...compute micro-batch B's attention / backward chunk...; stream.progress()
     x_RD, ctx = h.wait()
     y_RD = disp.compute(x_RD, ctx, experts)
     h = disp.combine_async(y_RD, ctx)
-    ...compute B...
+    ...compute B...; stream.progress()
     y_ND = h.wait()
 In backward the reverse all-to-all starts in the backward of `wait()`'s autograd node and is only
 waited for in the backward of the start node, so whatever backward work autograd (or a runtime that
@@ -41,25 +46,22 @@ splits backward, such as DualPipe's B/W) runs between the two overlaps with it.
 Rules: every rank of the ep group must start its handles in the same order (the stream issues their
 collectives in that order); a handle is waited exactly once; while a handle is in flight the caller
 issues no other collective on the ep group (all dispatchers of a model share one stream: apply_ep).
-A wait that outlasts the stream's timeout raises (the collectives themselves carry the group's timeout).
 """
 from __future__ import annotations
 
-import queue
-import threading
-import time
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from moeforge.model.host import routing_counts
 from moeforge.model.moe import run_experts
 
 from .counters import ByteCounters
-from .layout import (EPTopology, dest_rank_mask, group_by_expert, plan_sends, two_hop_first_mask,
-                     two_hop_second_mask)
+from .layout import (EPTopology, dest_rank_mask, group_by_expert, hop_counts, send_order, two_hop_first_mask,
+                     two_hop_second_mask, uniform_flat_counts, uniform_two_hop_counts)
+from .streams import CommStream, ThreadCommStream
 
 FP8_TILE = 128
 
@@ -106,11 +108,13 @@ class Hop:
 @dataclass
 class Plan:
     """The routing of one dispatch, shared by its four autograd nodes: the hops (combine reverses
-    them) and the received rows' global expert ids. Holds no autograd tensors."""
+    them), the received rows' global expert ids and the pairs per local expert (host ints, from the
+    last hop's count exchange). Holds no autograd tensors."""
 
     x_dtype: torch.dtype
     hops: list[Hop] = field(default_factory=list)
     expert_ids_RK: torch.Tensor | None = None
+    expert_counts: list[int] | None = None
 
 
 @dataclass
@@ -126,88 +130,18 @@ class EPContext:
         return self.plan.expert_ids_RK
 
 
-class CommStream:
-    """A thread that runs exchanges (generators that yield in-flight `Work`s and return a result) one at a
-    time, in submission order. Exchanges run without autograd, as the autograd Functions below run them.
-    After an exchange fails, the stream is broken: later exchanges fail with that error without issuing
-    a collective (a peer's next collective must not pair with this rank's next one)."""
-
-    def __init__(self, name: str = "moeforge-ep", timeout_s: float = 1800.0, device: torch.device | None = None):
-        self.timeout_s = timeout_s
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._failed: list[BaseException] = []  # shared with the thread, which holds no reference to self
-        # a new thread's current CUDA device is 0: the thread takes the rank's device (NCCL uses it)
-        device = torch.device(device) if device is not None else None
-        cuda = device if device is not None and device.type == "cuda" else None
-        threading.Thread(target=_serve, args=(self._queue, self._failed, cuda), name=name, daemon=True).start()
-        weakref.finalize(self, self._queue.put, None)  # the thread ends with its stream
-
-    def submit(self, program) -> "_Job":
-        if self._failed:
-            raise RuntimeError("an earlier all-to-all exchange on this stream failed") from self._failed[0]
-        job = _Job(program)
-        self._queue.put(job)
-        return job
-
-    def wait(self, job: "_Job"):
-        """Block until `job` has run; its result, or its exception re-raised here."""
-        if not job.done.wait(self.timeout_s):
-            raise TimeoutError(f"all-to-all exchange not finished after {self.timeout_s:g}s "
-                               "(a peer of the ep group is gone or started its exchanges in another order)")
-        result, error, job.result, job.error = job.result, job.error, None, None  # hold nothing once waited
-        if error is not None:
-            raise error
-        return result
-
-
-class _Job:
-    def __init__(self, program):
-        self.program, self.result, self.error = program, None, None
-        self.seconds = 0.0  # time the stream spent running it (bench/overlap_bench.py reads it)
-        self.done = threading.Event()
-
-    def run(self, failed: list[BaseException]) -> None:
-        t0 = time.perf_counter()
-        try:
-            if failed:
-                raise RuntimeError("an earlier all-to-all exchange on this stream failed") from failed[0]
-            with torch.no_grad():
-                while True:
-                    next(self.program).wait()
-        except StopIteration as stop:
-            self.result = stop.value
-        except BaseException as e:  # noqa: BLE001 -- re-raised on the waiting thread
-            self.error = e
-            failed.append(e)
-        finally:
-            self.program = None
-            self.seconds = time.perf_counter() - t0
-            self.done.set()
-
-
-def _serve(q: queue.SimpleQueue, failed: list[BaseException], cuda_device: torch.device | None) -> None:
-    if cuda_device is not None:
-        torch.cuda.set_device(cuda_device)
-    while True:
-        job = q.get()
-        if job is None:
-            return
-        job.run(failed)
-        job = None  # keep nothing alive while blocked in get()
-
-
 class _Runner:
     """One exchange slot of a handle: started on the stream, finished (waited) once. Dispatch and combine
     reuse theirs in backward (the reverse exchange starts in one node's backward, ends in another's)."""
 
     def __init__(self, stream: CommStream):
         self.stream = stream
-        self.job: _Job | None = None
+        self.job = None  # the stream's job while the exchange is in flight
         self.y_dtype: torch.dtype | None = None  # combine: the dtype of the expert outputs
 
-    def start(self, program) -> None:
+    def start(self, program, inputs: tuple[torch.Tensor, ...]) -> None:
         assert self.job is None, "an exchange is already in flight on this handle"
-        self.job = self.stream.submit(program)
+        self.job = self.stream.submit(program, inputs)
 
     def finish(self):
         job, self.job = self.job, None
@@ -229,8 +163,8 @@ class Handle:
 class AllToAllDispatcher:
     """Expert-parallel dispatcher over `group` (this rank is `ep_rank` of `ep_size`); ep rank r owns the
     global experts [r·E/ep, (r+1)·E/ep). `ranks_per_node` (global ranks per node; None = one node) sets
-    the link classes and the two-hop relays. Exchanges run on `stream` (a new CommStream if None); the
-    dispatchers of one model share one (parallel.apply_ep)."""
+    the link classes and the two-hop relays. Exchanges run on `stream` (comm.streams; a new
+    ThreadCommStream if None, the CPU/gloo one); the dispatchers of one model share one (parallel.apply_ep)."""
 
     def __init__(self, group: dist.ProcessGroup | None, ep_rank: int, ep_size: int, n_experts: int,
                  ranks_per_node: int | None = None, two_hop: bool = False, fp8: bool = False,
@@ -246,7 +180,7 @@ class AllToAllDispatcher:
         self.counters = counters if counters is not None else ByteCounters()
         self.links = [self.topo.link(ep_rank, p) for p in range(ep_size)]
         self.expert_range = self.topo.expert_range(ep_rank)
-        self.stream = stream if stream is not None else CommStream()
+        self.stream = stream if stream is not None else ThreadCommStream()
 
     def __repr__(self) -> str:
         return (f"AllToAllDispatcher(ep_rank={self.ep_rank}, ep_size={self.ep_size}, experts={self.expert_range}, "
@@ -273,7 +207,8 @@ class AllToAllDispatcher:
         """Each received row through its local experts, weighted and summed: y_RD. `experts` is keyed by
         global expert id; model.moe.run_experts runs them (a loop, or one grouped call when installed)."""
         lo, hi = self.expert_range
-        row, slot, counts = group_by_expert(ctx.expert_ids_RK, lo, hi)
+        counts = ctx.plan.expert_counts  # host ints from the dispatch's count exchange
+        row, slot = group_by_expert(ctx.expert_ids_RK, lo, hi, sum(counts))
         xs = x_RD[row]  # [M, D] copies grouped by local expert; stays linked to x_RD even when M = 0
         ys = run_experts(experts, xs, counts, first=lo)
         ys = ys * ctx.weights_RK.flatten()[slot].unsqueeze(-1).to(ys.dtype)
@@ -305,69 +240,83 @@ class AllToAllDispatcher:
         return f["x"]
 
     # ---- collectives ---------------------------------------------------------------------------------
-    def _exchange_counts(self, send: list[int], device: torch.device) -> list[int]:
-        """Rows this rank will receive from each peer (runs on the stream, before the hop it sizes)."""
-        recv = torch.empty(self.ep_size, dtype=torch.int64, device=device)
-        self.counters.record_a2a("dispatch_fwd", self.links, [1] * self.ep_size, {"counts": 8})
-        dist.all_to_all_single(recv, torch.tensor(send, dtype=torch.int64, device=device), group=self.group)
-        return recv.tolist()
+    def _plan_hop(self, mask_RP: torch.Tensor, ids_RK: torch.Tensor, last: bool, uniform):
+        """Program step: plan one hop. Exchanges the hop's counts (hop_counts: rows per rank, and on the
+        last hop the pairs per receiver expert) in one all_to_all_single, queues the static-shape send
+        order, yields (the host read is next), then reads sent and received counts together: the hop's
+        one host read. Returns (Hop, pairs per local expert or None). `uniform()` is the dry run's
+        stand-in for the read (comm.layout.uniform_*_counts: evenly spread routing)."""
+        counts = hop_counts(mask_RP, ids_RK, self.topo, per_expert=last)  # [P, C] int64
+        got = torch.empty_like(counts)
+        self.counters.record_a2a("dispatch_fwd", self.links, [1] * self.ep_size, {"counts": 8 * counts.size(1)})
+        dist.all_to_all_single(got, counts, group=self.group)
+        order = send_order(mask_RP)
+        yield
+        sent, recv = routing_counts(torch.stack([counts, got]), uniform)
+        send = [c[0] for c in sent]
+        experts = [sum(c[1 + e] for c in recv) for e in range(self.topo.experts_per_rank)] if last else None
+        return Hop(order[:sum(send)], send, [c[0] for c in recv], mask_RP.size(0)), experts
 
-    def _plan(self, mask_RP: torch.Tensor) -> Hop:
-        src_rows, send = plan_sends(mask_RP)
-        return Hop(src_rows, send, self._exchange_counts(send, mask_RP.device), mask_RP.size(0))
-
-    def _a2a(self, rows: torch.Tensor, send: list[int], recv: list[int], event: str, fmt: RowFormat):
-        """Generator step: start one all_to_all_single of packed rows, yield its Work, return the output."""
+    def _a2a(self, rows: torch.Tensor, send: list[int], recv: list[int], event: str, fmt: RowFormat) -> torch.Tensor:
+        """One all_to_all_single of packed rows (ordered on the current stream: the thread blocks on
+        gloo; on NCCL the comm stream waits for it, the host does not)."""
         out = rows.new_empty(sum(recv), rows.size(1))
         self.counters.record_a2a(event, self.links, send, fmt.part_bytes)
-        yield dist.all_to_all_single(out, rows.contiguous(), recv, send, group=self.group, async_op=True)
+        dist.all_to_all_single(out, rows.contiguous(), recv, send, group=self.group)
         return out
 
     def _forward_map(self, rows_N: torch.Tensor, ids_NK: torch.Tensor | None, plan: Plan, fmt: RowFormat,
                      event: str):
-        """D: rows_N -> received rows, hop by hop. With ids_NK the hops are planned (dispatch forward);
-        without, plan.hops are replayed (combine backward)."""
+        """D: rows_N -> received rows, hop by hop. With ids_NK the hops are planned (dispatch forward,
+        one host read per hop); without, plan.hops are replayed (combine backward, none)."""
         rows = rows_N
         n_hops = 2 if self.two_hop else 1
         for i in range(n_hops):
             if ids_NK is not None:
-                if i == 0:
-                    mask = (two_hop_first_mask(ids_NK, self.topo, self.ep_rank) if self.two_hop
-                            else dest_rank_mask(ids_NK, self.topo))
-                else:  # at the relay: read each row's expert ids, forward inside the node
-                    mask = two_hop_second_mask(fmt.unpack(rows)["ids"].long(), self.topo, self.ep_rank)
-                plan.hops.append(self._plan(mask))
+                N, K, me = ids_NK.size(0), ids_NK.size(1), self.ep_rank
+                if not self.two_hop:
+                    mask, ids = dest_rank_mask(ids_NK, self.topo), ids_NK
+                    uniform = lambda: uniform_flat_counts(N, K, self.topo, me)  # noqa: E731
+                else:  # hop 2 at the relay: read each received row's expert ids, forward inside the node
+                    ids = ids_NK if i == 0 else fmt.unpack(rows)["ids"].long()
+                    mask = (two_hop_first_mask(ids, self.topo, me) if i == 0
+                            else two_hop_second_mask(ids, self.topo, me))
+                    uniform = lambda i=i: uniform_two_hop_counts(N, K, self.topo, me, i)  # noqa: E731
+                hop, experts = yield from self._plan_hop(mask, ids, last=i == n_hops - 1, uniform=uniform)
+                plan.hops.append(hop)
+                if experts is not None:
+                    plan.expert_counts = experts
             hop = plan.hops[i]
-            rows = yield from self._a2a(rows[hop.src_rows], hop.send, hop.recv, event, fmt)
+            rows = self._a2a(rows[hop.src_rows], hop.send, hop.recv, event, fmt)
         return rows
 
     def _transpose_map(self, fields: dict[str, torch.Tensor], plan: Plan, fmt: RowFormat, event: str):
         """D^T: received-side rows -> token rows, the hops reversed, copies summed (in >= fp32)."""
         for hop in reversed(plan.hops):
-            out = yield from self._a2a(fmt.pack(fields), hop.recv, hop.send, event, fmt)
+            out = self._a2a(fmt.pack(fields), hop.recv, hop.send, event, fmt)
             fields = {name: _sum_rows(t, hop.src_rows, hop.n_src) for name, t in fmt.unpack(out).items()}
         return fields
 
-    # ---- the four exchanges (generators run by _Runner) ----------------------------------------------
+    # ---- the four exchanges: programs (comm.streams) run by _Runner ----------------------------------
+    # Generators all; the two that only replay the plan never pause (`yield from ()`: no host read).
     def _dispatch_fwd(self, x_ND, w_NK, ids_NK, plan: Plan):
         D, K = x_ND.size(1), ids_NK.size(1)
         fmt = RowFormat(*self._x_fields(x_ND.dtype, D, self.fp8), ("w", torch.float32, K, "meta"),
                         ("ids", torch.int32, K, "meta"))
         rows = fmt.pack({**self._encode_x(x_ND, self.fp8), "w": w_NK.float(), "ids": ids_NK.int()})
         f = fmt.unpack((yield from self._forward_map(rows, ids_NK, plan, fmt, "dispatch_fwd")))
-        plan.expert_ids_RK = f["ids"].long()
-        return self._decode_x(f, x_ND.dtype, self.fp8), f["w"]
+        return self._decode_x(f, x_ND.dtype, self.fp8), f["w"], f["ids"].long()
 
     def _dispatch_bwd(self, gx_RD, gw_RK, plan: Plan):
+        yield from ()
         fmt = RowFormat(("x", plan.x_dtype, gx_RD.size(1), "x"), ("w", torch.float32, gw_RK.size(1), "meta"))
-        f = yield from self._transpose_map({"x": gx_RD.to(plan.x_dtype), "w": gw_RK.float()}, plan, fmt,
-                                           "dispatch_bwd")
+        f = self._transpose_map({"x": gx_RD.to(plan.x_dtype), "w": gw_RK.float()}, plan, fmt, "dispatch_bwd")
         return f["x"], f["w"]
 
     def _combine_fwd(self, y_RD, plan: Plan):
+        yield from ()
         fmt = RowFormat(("x", y_RD.dtype, y_RD.size(1), "x"))
-        f = yield from self._transpose_map({"x": y_RD}, plan, fmt, "combine_fwd")
-        return f["x"]
+        return self._transpose_map({"x": y_RD}, plan, fmt, "combine_fwd")["x"]
 
     def _combine_bwd(self, gy_ND, y_dtype, plan: Plan):
         fmt = RowFormat(*self._x_fields(y_dtype, gy_ND.size(1), self.fp8))
@@ -392,7 +341,7 @@ class _DispatchStart(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, w_NK, ids_NK, disp, plan, runner):
         ctx.runner = runner
-        runner.start(disp._dispatch_fwd(x_ND, w_NK, ids_NK, plan))
+        runner.start(disp._dispatch_fwd(x_ND, w_NK, ids_NK, plan), (x_ND, w_NK, ids_NK))
         return x_ND.new_empty(0)
 
     @staticmethod
@@ -405,11 +354,12 @@ class _DispatchWait(torch.autograd.Function):
     @staticmethod
     def forward(ctx, token, disp, plan, runner):
         ctx.disp, ctx.plan, ctx.runner, ctx.token = disp, plan, runner, (token.dtype, token.device)
-        return runner.finish()
+        x_RD, w_RK, plan.expert_ids_RK = runner.finish()
+        return x_RD, w_RK
 
     @staticmethod
     def backward(ctx, gx_RD, gw_RK):
-        ctx.runner.start(ctx.disp._dispatch_bwd(gx_RD, gw_RK, ctx.plan))
+        ctx.runner.start(ctx.disp._dispatch_bwd(gx_RD, gw_RK, ctx.plan), (gx_RD, gw_RK))
         return _empty_like(ctx.token), None, None, None
 
 
@@ -418,7 +368,7 @@ class _CombineStart(torch.autograd.Function):
     def forward(ctx, y_RD, disp, plan, runner):
         ctx.runner = runner
         runner.y_dtype = y_RD.dtype
-        runner.start(disp._combine_fwd(y_RD, plan))
+        runner.start(disp._combine_fwd(y_RD, plan), (y_RD,))
         return y_RD.new_empty(0)
 
     @staticmethod
@@ -434,5 +384,5 @@ class _CombineWait(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy_ND):
-        ctx.runner.start(ctx.disp._combine_bwd(gy_ND, ctx.runner.y_dtype, ctx.plan))
+        ctx.runner.start(ctx.disp._combine_bwd(gy_ND, ctx.runner.y_dtype, ctx.plan), (gy_ND,))
         return _empty_like(ctx.token), None, None, None

@@ -2,7 +2,7 @@
 
     stages = build_stages(model, placement[pp_rank], n_stages)          # model.split
     rt = PipelineRuntime.for_schedule("dualpipev", stages, pp_group, n_micro)
-    losses = rt.step(microbatches)      # one float per micro-batch whose loss is on this rank, else None
+    losses = rt.step(microbatches)      # per micro-batch: its loss (0-dim, on the device) on this rank, else None
     rt.reduce_tied_grads()              # embedding copies (1F1B/ZB1P with MTP), DualPipe's twin stages
     rt.reduce_tied_loads()              # DualPipe: MoE loads of the twin stages (before the dp all-reduce)
 
@@ -26,9 +26,22 @@ the actions (gloo; on NCCL the group's watchdog timeout applies). Neighbouring s
 (DualPipeV's turn at rank pp-1) hand the tensor over in memory. Activations and their gradients are
 [micro_batch, T, dim] in the model dtype.
 
+Host reads: none. Losses stay on the device: `stats` holds the last step's sums as 0-dim float64 device
+tensors, accumulated in execution order as train.engine.LocalEngine does: lm_loss (sum over this rank's
+loss micro-batches), mtp_loss (sum over them of each micro-batch's mean over the MTP depths), aux_loss
+(sum over this rank's chunks and MoE layers of the sequence balance loss), and n_loss_micro (how many
+loss micro-batches ran here, an int).
+The trainer reads them once per step. The MoE exchanges' comm streams get `progress()` after every piece
+a compute action queues (dualpipe.stage.interleave), which places their routing-count reads.
+
+Bubble time: `wait_s`, the time the rank's compute waits in pipeline P2P (bubble + exposed P2P). With
+gloo a wait blocks the host: wall time. On CUDA a wait only makes the compute stream wait (NCCL), so
+the host time says nothing: CUDA events recorded on the compute stream around each wait measure the
+device time, read (one event synchronize, then elapsed_time per wait) when `wait_s` is read, once per
+step, after the trainer has queued the step's work.
+
 State (the received tensors, the chunks waiting for B/W, pending sends) lives on the instance and is
-empty between steps; `stats` holds the last step's per-micro-batch LM/MTP losses and summed aux loss.
-See docs/pipeline.md for the per-step calling sequence of a trainer.
+empty between steps. See docs/pipeline.md for the per-step calling sequence of a trainer.
 """
 from __future__ import annotations
 
@@ -94,8 +107,12 @@ class PipelineRuntime:
         self._host_timeout = dist.get_backend(pp_group) != "nccl"
         self._program = self._compile(self.schedule)
         self.act_shape: tuple[int, int, int] | None = None  # [micro_batch, T, dim], from the step's tokens
-        self.stats: dict = {}  # the last step: lm_loss / mtp_loss per local loss micro-batch, aux_loss summed
-        self.wait_s = 0.0  # the last step's wall time blocked in pipeline P2P waits (bubble + exposed P2P)
+        self.stats: dict = {}  # the last step's loss sums on the device (module docstring)
+        self._device_timing = self.device.type == "cuda"
+        self._wait_host_s = 0.0  # gloo: wall time blocked in P2P waits since the step began
+        self._wait_events: list = []  # CUDA: (start, end) events around each wait on the compute stream
+        self._streams = list({id(m.dispatcher.stream): m.dispatcher.stream for st in self.stages.values()
+                              for m in st.moe_layers() if hasattr(m.dispatcher, "stream")}.values())
         self._reset()
 
     @classmethod
@@ -127,15 +144,16 @@ class PipelineRuntime:
         self._chunks: dict[tuple[int, int], Chunk] = {}  # forwards waiting for their backward / W
         self._pending: list[tuple[list, list[torch.Tensor], str]] = []  # send-only batches in flight
         self._rows: list[torch.Tensor] | None = None
-        self._losses: list[float | None] = []
+        self._losses: list[torch.Tensor | None] = []
         self._n = 0
 
     # ---- the step ---------------------------------------------------------------------------------------
-    def step(self, microbatches: Sequence[torch.Tensor]) -> list[float | None]:
+    def step(self, microbatches: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
         """Run the schedule once over `microbatches` (token rows [B, T+1+D]; every rank passes the same
         list: the first and last stage read the tokens, the others only their shape). Gradients
         accumulate into .grad (zero them between optimizer steps). Returns the loss of every micro-batch
-        whose last stage ran on this rank, None for the others."""
+        whose last stage ran on this rank (a detached 0-dim device tensor: no host read), None for the
+        others."""
         n = len(microbatches)
         if n != self.n_micro:
             raise ValueError(f"the schedule was built for n_micro={self.n_micro}, got {n} micro-batches")
@@ -146,8 +164,9 @@ class PipelineRuntime:
         self._losses = [None] * n
         rows0 = self._rows[0]
         self.act_shape = (rows0.size(0), rows0.size(1) - 1 - self.args.n_mtp_modules, self.args.dim)
-        self.stats = {"lm_loss": [], "mtp_loss": [], "aux_loss": 0.0}
-        self.wait_s = 0.0
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.stats = {"lm_loss": zero, "mtp_loss": zero, "aux_loss": zero, "n_loss_micro": 0}
+        self._wait_host_s, self._wait_events = 0.0, []
         for st in self.stages.values():
             for m in st.moe_layers():
                 m.aux_loss_scale = 1.0 / n
@@ -215,9 +234,9 @@ class PipelineRuntime:
         if self.trace is not None:
             self.trace.append([str(a)])
         if a.op == "F":
-            run(self._forward(a.stage, a.microbatch))
+            run(self._forward(a.stage, a.microbatch), progress=self._progress)
         elif a.op in ("B", "BW"):
-            run(self._backward(a.stage, a.microbatch, split=a.op == "B"))
+            run(self._backward(a.stage, a.microbatch, split=a.op == "B"), progress=self._progress)
         elif a.op == "W":
             self._chunks.pop((a.stage, a.microbatch)).run_weight()
             if self.trace is not None:
@@ -228,10 +247,10 @@ class PipelineRuntime:
             w_split = self.overlap and self.fb_weight_split
             bwd = self._backward(a.b_stage, a.b_microbatch, split=w_split, weight_now=w_split)
             if self.overlap:
-                interleave(fwd, bwd)
+                interleave(fwd, bwd, progress=self._progress)
             else:
-                run(fwd)
-                run(bwd)
+                run(fwd, progress=self._progress)
+                run(bwd, progress=self._progress)
         else:
             raise ValueError(f"unknown compute action {a}")
 
@@ -241,13 +260,17 @@ class PipelineRuntime:
         chunk = Chunk(s, m, x, None if self.trace is None else self.trace[-1])
         out = yield from stage_forward(chunk, stage, x, self._rows[m], self._n, self.overlap)
         self._chunks[(s, m)] = chunk
-        self.stats["aux_loss"] += sum(float(l.last_aux_loss) for l in stage.moe_layers()
-                                      if l.last_aux_loss is not None)
+        st = self.stats
+        aux = [l.last_aux_loss for l in stage.moe_layers() if l.last_aux_loss is not None]
+        if aux:
+            st["aux_loss"] = st["aux_loss"] + torch.stack(aux).double().sum()
         if stage.is_last:
-            self._losses[m] = float(chunk.loss)
+            self._losses[m] = chunk.loss
             main, mtp = stage.last_losses
-            self.stats["lm_loss"].append(float(main))
-            self.stats["mtp_loss"].append(sum(float(x) for x in mtp) / max(len(mtp), 1))
+            st["lm_loss"] = st["lm_loss"] + main.double()
+            if mtp:
+                st["mtp_loss"] = st["mtp_loss"] + torch.stack(mtp).double().mean()
+            st["n_loss_micro"] += 1
         elif self.rank_of_stage(s + 1, m) == self.pp_rank:
             self._fwd_in[(s + 1, m)] = out.detach()  # the V's turn: same rank, no send
         else:
@@ -293,16 +316,36 @@ class PipelineRuntime:
         else:
             self._pending.append((works, keep, what))
 
+    def _progress(self) -> None:
+        for stream in self._streams:
+            stream.progress()
+
+    @property
+    def wait_s(self) -> float:
+        """Seconds this rank's compute waited in pipeline P2P since the last step began (module docstring).
+        On CUDA this synchronizes with the last wait's end event: read it once per step, late."""
+        if not self._wait_events:
+            return self._wait_host_s
+        self._wait_events[-1][1].synchronize()
+        return sum(a.elapsed_time(b) for a, b in self._wait_events) / 1000.0
+
     def _wait(self, works: list, what: str) -> None:
         from moeforge.parallel.mesh import peer_guard
 
         t0 = time.perf_counter()
+        if self._device_timing:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         with peer_guard(f"pipeline p2p [{what}] on pp rank {self.pp_rank}", self.pp_group,
                         self.timeout.total_seconds()):
             for w in works:
                 if w is not None and not (w.wait(self.timeout) if self._host_timeout else w.wait()):
                     raise RuntimeError(f"timed out after {self.timeout.total_seconds():g}s")
-        self.wait_s += time.perf_counter() - t0
+        if self._device_timing:
+            end.record()
+            self._wait_events.append((start, end))
+        else:
+            self._wait_host_s += time.perf_counter() - t0
 
     # ---- parameters held on several pp ranks --------------------------------------------------------------
     def _holders(self, fqn: str) -> list[int]:

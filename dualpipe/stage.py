@@ -384,9 +384,15 @@ def backward_input(outs: Sequence, grads: Sequence[torch.Tensor], ins: Sequence,
     return in_grads, job
 
 
-def interleave(*gens: Generator) -> list:
+def interleave(*gens: Generator, progress: Callable[[], None] = lambda: None) -> list:
     """Run generators round-robin, one step each, until all finish; returns their return values.
-    Each yields while one of its all-to-alls is in flight, so the others compute meanwhile."""
+    Each yields while one of its all-to-alls is in flight, so the others compute meanwhile.
+
+    `progress` (the comm streams' progress(), comm/streams.py) is called after every step: the step has
+    just queued a piece of compute, so an exchange started before it may now read its routing counts
+    from the host (a CudaCommStream host read blocks until the GPU reaches the count all-to-all; with
+    this piece queued behind it, the GPU keeps computing meanwhile) and issue its payload all-to-all.
+    The steps and calls are the same on every rank of an ep group, so the collectives' order is too."""
     results: list = [None] * len(gens)
     live = list(enumerate(gens))
     while live:
@@ -397,12 +403,13 @@ def interleave(*gens: Generator) -> list:
             except StopIteration as stop:
                 results[i] = stop.value
                 live.remove(item)
+            progress()
     return results
 
 
-def run(gen: Generator):
+def run(gen: Generator, progress: Callable[[], None] = lambda: None):
     """Run one generator to the end (no overlap); returns its value."""
-    return interleave(gen)[0]
+    return interleave(gen, progress=progress)[0]
 
 
 # ---- forward -------------------------------------------------------------------------------------------

@@ -155,9 +155,12 @@ def _bytes_of_hops(hops, topo, K: int, dim: int, x_bytes: int, fp8: bool) -> lis
                 if r:
                     out[s][(event, lk, part)] = out[s].get((event, lk, part), 0) + r * row_bytes
 
-    for sends in hops:
+    for i, sends in enumerate(hops):
         h = torch.tensor(sends, dtype=torch.int64)
-        add(torch.ones(P, P, dtype=torch.int64), "dispatch_fwd", "counts", 8)  # one count exchange per hop
+        # one count exchange per hop (comm.layout.hop_counts): int64 rows per rank, and on the last hop also
+        # the pairs per expert of the receiver
+        per_peer = 8 * (1 + (topo.experts_per_rank if i == len(hops) - 1 else 0))
+        add(torch.ones(P, P, dtype=torch.int64), "dispatch_fwd", "counts", per_peer)
         add(h, "dispatch_fwd", "x", x_out)
         add(h, "dispatch_fwd", "meta", 8 * K)  # gate weights fp32 + expert ids int32
         add(h, "combine_bwd", "x", x_out)
@@ -353,6 +356,7 @@ class ScheduleResult:
     peak_chunks: int = 0  # most micro-batch-stages in flight on one rank
     stages_per_rank: int = 1
     memory: dict = field(default_factory=dict)  # GiB on the fullest rank: weights, grads, master, moments, activations
+    memory_by_rank: list = field(default_factory=list)  # the same for every pp rank (moeforge dryrun compares one)
     rank: int = 0  # the fullest rank
     chunk: dict = field(default_factory=dict)  # seconds per chunk, slowest rank: F_c B_c W_c ep_fwd ep_bwd p2p
     blocks: list = field(default_factory=list)  # transformer blocks per stage
@@ -382,6 +386,7 @@ class LayoutPlan:
     schedules: dict  # name -> ScheduleResult
     chosen: str
     master: str
+    ramp: "RampPlan | None" = None  # train.batch_ramp priced: its first batch and the whole ramp
 
     @property
     def best(self) -> ScheduleResult:
@@ -499,6 +504,7 @@ def _price_schedule(name: str, L: _Layout, stages: list[Stage], tr: EPTraffic) -
                f"moments ({'BF16' if moment == 2 else 'FP32'})": 2 * moment * shard,
                "activations": peaks[r][1]}
         mem = {k: v / GiB for k, v in mem.items()}
+        res.memory_by_rank.append(mem)
         if not res.memory or sum(mem.values()) > res.total_gib:
             res.rank, res.memory, res.stages_per_rank = r, mem, len(held)
         sync = ((L.dp - 1) / L.dp * dense + (edp - 1) / edp * expert) * (4 + gather) / sync_bw
@@ -539,9 +545,53 @@ def evaluate(cfg, cluster: Cluster, schedules=SCHEDULE_ORDER, chosen: str | None
         fit = [r for r in ok if r.fits]
         chosen = (min(fit, key=lambda r: r.step) if fit else min(ok, key=lambda r: r.total_gib) if ok
                   else next(iter(results.values()))).name
-    return LayoutPlan(cfg, cluster, par.pp, dims.ep, dims.dp, L.n_micro, L.tokens, count_params(a),
+    plan = LayoutPlan(cfg, cluster, par.pp, dims.ep, dims.dp, L.n_micro, L.tokens, count_params(a),
                       train_flops_per_token(a, t.seq_len, include_mtp=a.n_mtp_modules > 0), traffic, results,
                       chosen, master)
+    if t.batch_ramp is not None and not results[chosen].error:
+        plan.ramp = plan_ramp(plan, exact)
+    return plan
+
+
+@dataclass
+class RampPlan:
+    """train.batch_ramp on this layout: the ramp's batches, its first step priced like the full one, and the
+    ramp's time with each step's time affine in its batch between the two (a pipeline's makespan is)."""
+    sizes: list[int]
+    steps: int
+    samples: int
+    first: LayoutPlan
+    gpu_hours: float
+
+
+def plan_ramp(p: LayoutPlan, exact: bool) -> RampPlan:
+    """Check that every batch of the ramp splits into micro-batches the chosen schedule accepts (ValueError
+    naming train.batch_ramp), then price the ramp."""
+    from moeforge.dualpipe.schedule import validate
+    from moeforge.train.batches import BatchSchedule
+
+    t, r = p.cfg.train, p.cfg.train.batch_ramp
+    sched = BatchSchedule.of(t)
+    sizes = sched.sizes(1 << 62)  # every batch the ramp reaches
+    for b in sizes:
+        n, rest = divmod(b, p.dp * t.micro_batch_size)
+        if rest:
+            raise ValueError(f"train.batch_ramp: the global batch {b} (of {sizes[0]}..{sizes[-1]}) must be a multiple "
+                             f"of dp={p.dp} x train.micro_batch_size={t.micro_batch_size}")
+        if p.pp > 1:
+            try:
+                validate(p.chosen, p.pp, n)
+            except ValueError as e:
+                raise ValueError(f"train.batch_ramp: the global batch {b} gives {n} micro-batches per pipeline, "
+                                 f"which {p.chosen} does not accept: {e}") from None
+    first_cfg = dataclasses.replace(p.cfg, train=dataclasses.replace(t, global_batch_size=r.start, batch_ramp=None))
+    first = evaluate(first_cfg, p.cluster, (p.chosen,), p.chosen, p.master, exact)
+    t0, t1 = first.best.step, p.best.step
+    steps, samples, seconds = 0, 0, 0.0
+    while (b := sched.at(samples)) != t.global_batch_size:
+        seconds += t0 + (t1 - t0) * (b - r.start) / (t.global_batch_size - r.start)
+        steps, samples = steps + 1, samples + b
+    return RampPlan(sizes, steps, samples, first, p.cluster.world * seconds / 3600)
 
 
 # ---- search -----------------------------------------------------------------------------------------
@@ -648,6 +698,17 @@ def render(p: LayoutPlan, defaults: list[str] = ()) -> str:
         if a.name == "671b":
             L.append(f"  DeepSeek-V3 reports 180K H800 GPU-hours per 1T tokens (TR Table 1): this plan is "
                      f"{gh / TR_GPU_HOURS_PER_T:.2f}x that")
+        if p.ramp is not None:
+            rp, f = p.ramp, p.ramp.first.best
+            tokens = rp.samples * cfg.train.seq_len
+            full = gh * tokens / 1e12
+            L += ["", f"batch ramp (train.batch_ramp, {r.name}): {rp.sizes[0]} -> {rp.sizes[-1]} sequences in "
+                      f"{len(rp.sizes) - 1} steps of {cfg.train.batch_ramp.increment} over the first "
+                      f"{_si(tokens, billion='B')} tokens ({rp.steps:,} optimizer steps)",
+                  f"  first step: {p.ramp.first.n_micro} micro-batches, {_n(f.step)} s (bubble "
+                  f"{100 * f.bubble / f.makespan:.1f}%), {_si(p.ramp.first.tokens_per_s(f))} tokens/s",
+                  f"  the ramp: {_si(rp.gpu_hours)} GPU-hours, {rp.gpu_hours / full:.2f}x those tokens at the full "
+                  f"batch's rate"]
     L += ["", _verdict(r, usable, p)]
     return "\n".join(L)
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
+from .host import even_split, routing_counts
 from .routing import route
 
 
@@ -105,15 +106,26 @@ def run_experts(experts: nn.ModuleDict, xs_MD: torch.Tensor, counts: list[int], 
     return torch.cat(outs) if outs else xs_MD
 
 
+def expert_counts(indices: torch.Tensor, n_experts: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """[E] how many of `indices` pick each expert. scatter_add_ of ones has a static shape; bincount's
+    shape depends on the values (it reads the host for its max on CUDA and cannot run on fake tensors)."""
+    flat = indices.reshape(-1)
+    return torch.zeros(n_experts, dtype=dtype, device=flat.device).scatter_add_(
+        0, flat, torch.ones(flat.shape, dtype=dtype, device=flat.device))
+
+
 class LocalDispatcher:
-    """Every expert lives here: sort token copies by expert, run_experts, weighted scatter-add back."""
+    """Every expert lives here: sort token copies by expert, run_experts, weighted scatter-add back.
+    One host read per call: the rows per expert (routing_counts; the dry run's stand-in is N·K pairs
+    spread evenly over the E experts)."""
 
     def __call__(self, x_ND, indices_NK, weights_NK, experts):
         N, K = indices_NK.shape
+        E = len(experts)
         flat = indices_NK.flatten()
         order = flat.argsort(stable=True)  # token copies grouped by expert
         token_of = order // K
-        counts = torch.bincount(flat, minlength=len(experts)).tolist()
+        counts = routing_counts(expert_counts(flat, E), lambda: even_split(N * K, E))
         xs = x_ND[token_of]  # [N·K, D] sorted by expert
         ys = run_experts(experts, xs, counts)
         ys = ys * weights_NK.flatten()[order].unsqueeze(-1).to(ys.dtype)
@@ -152,8 +164,7 @@ class MoE(nn.Module):
         x_ND = x_BTD.reshape(B * T, D)
         weights, indices, scores = self.gate(x_ND)
         with torch.no_grad():
-            self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.n_routed_experts).to(
-                self.tokens_per_expert.dtype)
+            self.tokens_per_expert += expert_counts(indices, self.n_routed_experts, self.tokens_per_expert.dtype)
         aux = None
         if self.training and self.aux_alpha > 0 and torch.is_grad_enabled():
             aux = sequence_balance_loss(scores.view(B, T, -1), indices.view(B, T, -1), self.aux_alpha)

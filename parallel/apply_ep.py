@@ -11,8 +11,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moeforge.comm.all_to_all import AllToAllDispatcher, CommStream
+from moeforge.comm.all_to_all import AllToAllDispatcher
 from moeforge.comm.counters import ByteCounters
+from moeforge.comm.streams import CommStream
 from moeforge.model.moe import MoE
 
 
@@ -23,12 +24,13 @@ def apply_ep(model: nn.Module, ep_group: dist.ProcessGroup | None, ep_rank: int,
     """Keep this rank's experts in every MoE layer of `model` and route tokens with all-to-all; returns model.
 
     All layers share one ByteCounters (`counters`, or a new one reachable as `moe.dispatcher.counters`)
-    and one CommStream (their exchanges run on it in start order). `timeout_s` is the ep group's
-    collective timeout: a wait on the stream gives up 30 s after it, so the collective's own error
-    (which names the peer) normally comes first. `device`: where the model will compute (the stream
-    thread makes it its current CUDA device)."""
+    and one comm stream (their exchanges run on it in start order), picked by `device`, where the model
+    will compute: a CUDA device gets a CudaCommStream (NCCL collectives on a CUDA stream, issued from the
+    main thread), anything else a ThreadCommStream (gloo; comm/streams.py says why not both). `timeout_s`
+    is the ep group's collective timeout: a thread wait gives up 30 s after it, so the collective's own
+    error (which names the peer) normally comes first; on CUDA the NCCL watchdog enforces it."""
     counters = counters if counters is not None else ByteCounters()
-    stream = CommStream(timeout_s=timeout_s + 30.0, device=device)
+    stream = CommStream.for_device(device, timeout_s=timeout_s + 30.0)
     for name, moe in model.named_modules():
         if not isinstance(moe, MoE):
             continue

@@ -126,11 +126,19 @@ def _case(rank, groups, cache, name, pp, ep, overlap, split_middle_pair, dtype):
         for k in ref_grads:
             if ".experts." in k:
                 ref_grads[k] = ref_grads[k] + g[k]
+    # stats: the step's sums as 0-dim float64 tensors on the device, in micro-batch order (no host read)
+    # (lm + λ·mtp summed = the total losses step() returned, up to their float32 rounding)
+    st = rt.stats
+    total = sum(v.item() for v in losses if v is not None)
+    stats_ok = all(st[k].shape == () and st[k].dtype == torch.float64 for k in ("lm_loss", "mtp_loss", "aux_loss"))
+    stats_ok &= st["n_loss_micro"] == sum(v is not None for v in losses) and st["aux_loss"].item() >= 0
+    lm_mtp = st["lm_loss"].item() + args.mtp_loss_weight * st["mtp_loss"].item()
+    stats_ok &= st["n_loss_micro"] == 0 or (st["mtp_loss"].item() > 0 and abs(lm_mtp - total) <= 1e-6 * total)
     loss_err, loss_equal, n_losses = 0.0, True, 0
     for m, v in enumerate(losses):
         if v is not None:
             n_losses += 1
-            ref = ref_losses[m].item()
+            v, ref = v.item(), ref_losses[m].item()  # step() keeps losses on the device
             loss_equal &= v == ref
             loss_err = max(loss_err, abs(v - ref) / abs(ref))
     grad_err, worst, missing = 0.0, None, []
@@ -167,7 +175,7 @@ def _case(rank, groups, cache, name, pp, ep, overlap, split_middle_pair, dtype):
             backward_first.append("B" in kinds[0])
     return {"loss_err": loss_err, "loss_equal": loss_equal, "n_losses": n_losses, "grad_err": grad_err,
             "worst": worst, "missing": missing, "n_params": len(rt.named_parameters()), "load_ok": load_ok,
-            "fb_switches": switches, "fb_backward_first": backward_first, "norm_err": norm_err}
+            "fb_switches": switches, "fb_backward_first": backward_first, "norm_err": norm_err, "stats_ok": stats_ok}
 
 
 class _TorchStage(__import__("torch").nn.Module):
@@ -234,7 +242,7 @@ def _torch_baseline(rank, groups, cache, name, pp):
 
     _, ours = build()
     rt = PipelineRuntime.for_schedule(name, ours, group, n, timeout_s=60)
-    our_losses = [v for v in rt.step(rows) if v is not None]
+    our_losses = [v.item() for v in rt.step(rows) if v is not None]
     ref_losses = _cached_reference(cache, args, 100 + dp_rank, n, "float64")[0]
     # gradients before reduce_tied_grads (torch does not tie the last stage's embedding copy)
     theirs_p = dict(p for st in theirs.values() for p in st.named_parameters())
@@ -296,6 +304,7 @@ def test_losses_and_grads_equal_single_process(results, case):
         assert not r["missing"], (rank, r["missing"])
         assert r["grad_err"] < tol, (rank, r["worst"], r["grad_err"])
         assert r["load_ok"], rank
+        assert r["stats_ok"], rank
         if ep == 1:
             assert r["loss_equal"], (rank, r["loss_err"])
         assert r["loss_err"] < tol, (rank, r["loss_err"])
@@ -363,6 +372,43 @@ def test_silent_peer_times_out_with_a_clear_error():
     assert kind == "PeerFailure", (kind, msg)
     assert "pipeline p2p" in msg and "RECV_B" in msg, msg
     assert timeout_s - 0.5 < took < timeout_s + 10, took
+
+
+def _device_timed_bubble(rank, world):
+    """The CUDA bubble timer on CPU: the runtime's device timing forced on under comm.fake_streams. Every
+    P2P wait is bracketed by two timing events recorded on the compute stream; reading wait_s synchronizes
+    once (the last end event) and reads elapsed_time once per wait, not per wait as it happens."""
+    import torch
+
+    from moeforge.comm.fake_streams import fake_cuda_streams
+    from moeforge.dualpipe.runtime import PipelineRuntime
+    from moeforge.model.split import build_stage
+    from moeforge.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(_args())
+    stage = build_stage(model, rank, 2)
+    model.to_empty(device="cpu")
+    model.init_weights(5)
+    rt = PipelineRuntime.for_schedule("1f1b", {rank: stage}, None, 4, timeout_s=60)
+    rt._device_timing = True  # what a CUDA device sets
+    with fake_cuda_streams(devices=("cpu",)) as log:
+        rt.step(_micro(0, 4))
+        during = [e[0] for e in log.entries]
+        wait_s = rt.wait_s
+        after = [e[0] for e in log.entries][len(during):]
+    return {"records": during.count("record"), "reads_during_step": during.count("elapsed_time") + during.count(
+        "host_sync"), "after": after, "wait_s": wait_s}
+
+
+@pytest.mark.timeout(120)
+def test_bubble_time_is_device_time_read_once_per_step():
+    for r in run_ranks(_device_timed_bubble, 2, timeout_s=60):
+        waits = r["records"] // 2
+        assert waits >= 4 and r["records"] == 2 * waits, r
+        assert r["reads_during_step"] == 0, r  # no host sync inside the step
+        assert r["after"] == ["host_sync"] + ["elapsed_time"] * waits, r  # one sync, then the events
+        assert r["wait_s"] == 0.0  # fake events measure no device time
 
 
 # ---- DeepSpeed's DualPipeVEngine ----------------------------------------------------------------------
@@ -448,7 +494,7 @@ def _deepspeed_dualpipev(rank, world, pp):
     model.init_weights(5)
     model.double()
     ours = PipelineRuntime.for_schedule("dualpipev", stages, groups[dp_rank], n, timeout_s=60).step(rows)
-    mine = [v for v in ours if v is not None]
+    mine = [v.item() for v in ours if v is not None]  # step() keeps the losses on the device
     total = torch.zeros((), dtype=torch.float32)
     for v in mine:
         total += torch.tensor(v, dtype=torch.float32)  # our floats are the float32 losses, exactly

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from moeforge.comm.all_to_all import RowFormat
-from moeforge.comm.layout import (EPTopology, dest_rank_mask, group_by_expert, node_limit, node_limited_groups,
-                         nodes_per_token, plan_sends, two_hop_first_mask, two_hop_second_mask)
+from moeforge.comm.layout import (EPTopology, dest_rank_mask, group_by_expert, hop_counts, node_limit,
+                                  node_limited_groups, nodes_per_token, plan_sends, send_order, two_hop_first_mask,
+                                  two_hop_second_mask, uniform_flat_counts, uniform_two_hop_counts)
 from moeforge.model.args import ModelArgs
 from moeforge.model.moe import Gate
 
@@ -105,11 +106,53 @@ def test_two_hop_crosses_nodes_once_per_destination_node():
 @pytest.mark.timeout(10)
 def test_group_by_expert():
     ids = torch.tensor([[3, 0], [2, 3], [1, 2]])
-    row, slot, counts = group_by_expert(ids, 2, 4)  # local experts 2, 3
-    assert counts == [2, 2]
+    row, slot = group_by_expert(ids, 2, 4, n_pairs=4)  # local experts 2, 3: 2 pairs each
     assert row.tolist() == [1, 2, 0, 1] and slot.tolist() == [2, 5, 0, 3]
-    row, slot, counts = group_by_expert(ids, 4, 6)
-    assert counts == [0, 0] and row.numel() == 0
+    row, slot = group_by_expert(ids, 4, 6, n_pairs=0)
+    assert row.numel() == 0
+
+
+@pytest.mark.timeout(10)
+def test_send_order_is_nonzero_order_with_a_static_shape():
+    g = torch.Generator().manual_seed(3)
+    for R, P in [(0, 4), (1, 1), (7, 4), (33, 8)]:
+        mask = torch.rand(R, P, generator=g) < 0.4
+        order = send_order(mask)
+        assert order.shape == (R * P,)
+        assert torch.equal(order[:int(mask.sum())], mask.t().nonzero()[:, 1])
+
+
+@pytest.mark.timeout(10)
+def test_hop_counts_rows_and_pairs_per_receiver_expert():
+    ids = torch.tensor([[0, 1], [5, 2], [4, 5], [7, 0]])
+    flat = hop_counts(dest_rank_mask(ids, TOPO), ids, TOPO, per_expert=True)
+    # rows per rank [2, 1, 2, 1]; pairs per expert 0..7 = [2, 1, 1, 0, 1, 2, 0, 1]
+    assert flat.tolist() == [[2, 2, 1], [1, 1, 0], [2, 1, 2], [1, 0, 1]]
+    # hop 2 at relay 3 (node 1): only ranks 2, 3 get rows, and only their experts' pairs count
+    second = hop_counts(two_hop_second_mask(ids, TOPO, 3), ids, TOPO, per_expert=True)
+    assert second.tolist() == [[0, 0, 0], [0, 0, 0], [2, 1, 2], [1, 0, 1]]
+    assert hop_counts(two_hop_first_mask(ids, TOPO, 0), ids, TOPO, per_expert=False).tolist() == [[3], [0], [3], [0]]
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("N,K", [(1, 1), (1, 2), (5, 3), (64, 8)])
+def test_uniform_stand_in_counts_are_consistent(N, K):
+    """The dry run's counts: what every rank sends is what its peers say they receive; pairs >= rows, and
+    rows <= the rows available; two-hop hop 2 forwards exactly the rows hop 1 brought (<= rows · ranks)."""
+    topo = EPTopology.from_ranks(list(range(8)), 16, 4)  # 2 nodes x 4, 2 experts per rank
+    P = topo.ep_size
+    flat = [uniform_flat_counts(N, K, topo, p) for p in range(P)]
+    hop1 = [uniform_two_hop_counts(N, K, topo, p, 0) for p in range(P)]
+    hop2 = [uniform_two_hop_counts(N, K, topo, p, 1) for p in range(P)]
+    for counts in (flat, hop1, hop2):
+        assert all(counts[q][1][p] == counts[p][0][q] for p in range(P) for q in range(P))
+    for p in range(P):
+        for rows, *pairs in flat[p][0] + hop2[p][0]:
+            assert (rows == 0) == (sum(pairs) == 0) and rows <= sum(pairs) <= rows * topo.experts_per_rank
+        assert sum(r for r, *_ in flat[p][0]) <= N * P and sum(hop1[p][0][q][0] for q in range(P)) <= N * P
+        rows_at_relay = sum(r for r, in hop1[p][1])
+        assert all(r <= rows_at_relay for r, *_ in hop2[p][0])
+        assert sum(sum(c[1:]) for c in flat[p][1]) <= sum(c[0] for c in flat[p][1]) * K
 
 
 @pytest.mark.timeout(20)

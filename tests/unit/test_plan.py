@@ -81,7 +81,8 @@ def test_ep_bytes_of_a_hand_routed_layer():
     topo = EPTopology.from_ranks(list(range(4)), 4, ranks_per_node=2)
     none = torch.empty(0, 2, dtype=torch.long)
     ids = [torch.tensor([[1, 2], [2, 3]]), none, none, none]
-    counts = {("dispatch_fwd", "intra", "counts"): 8, ("dispatch_fwd", "inter", "counts"): 16}  # per hop
+    # the count exchange: 8 bytes per peer (rows), + 8 per receiver expert on the last hop (1 expert per rank)
+    counts = {("dispatch_fwd", "intra", "counts"): 16, ("dispatch_fwd", "inter", "counts"): 32}
     x, meta, xg, gmeta = 256 * 2, 8 * 2, 256 * 2, 4 * 2  # BF16 rows of dim 256, K = 2
 
     def back(link, rows):  # what a rank returns over `link` for `rows` rows it received
@@ -99,9 +100,9 @@ def test_ep_bytes_of_a_hand_routed_layer():
     # two-hop: hop 1 sends token 0 to rank 0 itself (relay of node 0) and both tokens to rank 2 (relay of
     # node 1); hop 2: rank 0 forwards token 0 to rank 1, rank 2 keeps both and forwards token 1 to rank 3
     hop = P.ep_bytes_for_routing(ids, topo, dim=256, x_bytes=2, fp8=False, two_hop=True)
-    twice = {k: 2 * v for k, v in counts.items()}
-    assert hop == [{**twice, **out("inter", 2), **out("intra", 1)}, {**twice, **back("intra", 1)},
-                   {**twice, **out("intra", 1), **back("inter", 2)}, {**twice, **back("intra", 1)}]
+    both_hops = {k: v // 2 + v for k, v in counts.items()}  # hop 1: rows only; hop 2: rows + pairs
+    assert hop == [{**both_hops, **out("inter", 2), **out("intra", 1)}, {**both_hops, **back("intra", 1)},
+                   {**both_hops, **out("intra", 1), **back("inter", 2)}, {**both_hops, **back("intra", 1)}]
 
 
 def test_uniform_routing_respects_the_node_limit():

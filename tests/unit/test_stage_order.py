@@ -5,13 +5,13 @@ The COMBINE piece computes `moe.shared_experts(x_ND)` *before* `handle.wait()` o
     piece, waited after the shared expert);
   - backward: the combine wait node is newer than the shared expert's nodes, so autograd (ready nodes,
     highest sequence number first) runs `_CombineWait.backward` first, which starts the reverse combine
-    exchange (`_combine_bwd`) on the CommStream, and only then the shared expert's backward: the reverse
+    exchange (`_combine_bwd`) on the comm stream, and only then the shared expert's backward: the reverse
     all-to-all is in flight while it computes.
 With the shared expert after the wait, both orders flip (forward: wait, then shared; backward: the whole
 shared-expert input backward, then the reverse combine starts), and the exact event logs below fail.
 
 Real code paths: a 1-rank gloo group, parallel.apply_ep (a real comm.AllToAllDispatcher with ep = 1, so
-the block is cut into ATTN | MLP | COMBINE pieces and every exchange runs on the CommStream), one MoE
+the block is cut into ATTN | MLP | COMBINE pieces and every exchange runs on the comm stream), one MoE
 block of the tiny preset in float64, driven as the runtime drives it: `run(block_forward(...))`, then
 the split backward B (`chunk.backward(grad, split=True)`) and W (`chunk.run_weight()`). The events come
 from `_Runner.start`/`_Runner.finish` (every exchange's start and wait) and from hooks on the shared
@@ -53,10 +53,10 @@ def _event_log(monkeypatch, moe: MoE) -> list[str]:
     log: list[str] = []
     start, finish = _Runner.start, _Runner.finish
 
-    def logged_start(self, program):
+    def logged_start(self, program, inputs):
         self.log_name = program.__name__
         log.append(f"start {self.log_name}")
-        return start(self, program)
+        return start(self, program, inputs)
 
     def logged_finish(self):
         log.append(f"wait {self.log_name}")
