@@ -3,7 +3,7 @@
     python bench/e2e_small.py [--json PATH] [--steps N] [--smoke]
 
 What runs: train.trainer.Trainer (the real training step: forward, backward, clip, AdamW, bias update) on
-the stdlib byte corpus, `--warmup` steps (Triton compiles, allocator), then `--steps` timed steps; the
+the stdlib corpus in the shipped BPE, `--warmup` steps (Triton compiles, allocator), then `--steps` timed steps; the
 step time is the trainer's own (it synchronizes the GPU). The job config is built from conf/model/small.yaml
 and the config dataclasses without Hydra (the GPU image has no hydra-core); the equivalent command line
 is `moeforge train model=small fp8=<off|blockwise> fp8.backend=triton train.seq_len=2048 ...`.
@@ -114,7 +114,8 @@ def main() -> None:
         log("bench/e2e_small.py: no CUDA GPU here, skipping (--smoke runs the tiny model on CPU to check the script)")
         return
     from moeforge.fp8.gemm import unavailable_reason
-    from moeforge.train.data import prepare
+    from moeforge.train.config import DataConfig
+    from moeforge.train.data import ensure_data
 
     if args.smoke:
         model, backend, device = "tiny", "emulate", "cpu"
@@ -125,8 +126,7 @@ def main() -> None:
             sys.exit(f"bench/e2e_small.py: {unavailable_reason('triton')}")
     work = tempfile.mkdtemp(prefix="moeforge_e2e_")
     data_dir = os.environ.get("MOEFORGE_BENCH_DATA", os.path.join(work, "data"))
-    if not os.path.isfile(os.path.join(data_dir, "meta.json")):
-        prepare(None, data_dir, max_bytes=40_000_000, log=lambda *a: None)  # ~40 MB of stdlib bytes
+    ensure_data(DataConfig(dir=data_dir), seed=0, log=lambda *a: None)  # the stdlib in the shipped BPE (first use)
     log(f"data ready in {time.time() - t0:.0f}s ({data_dir})")
     variants = {"bf16": (False, False), "fp8_loop": (True, False), "fp8_grouped": (True, True)}
     rows = []

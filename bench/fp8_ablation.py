@@ -204,7 +204,8 @@ def _probe(argv: list[str]) -> None:
     import fp8_loss as FL
     from moeforge.launcher.config import load_job_config
     from moeforge.train import checkpoint as ck
-    from moeforge.train.data import TokenSampler
+    from moeforge.train.data import Corpus, SampleStream, build_datasets
+    from moeforge.train.tokenizer import load_tokenizer
     from moeforge.model.loss import lm_losses, total_loss
     from moeforge.train.build import build_model
 
@@ -232,16 +233,18 @@ def _probe(argv: list[str]) -> None:
         model = build_model(cfg, torch.device("cpu"))
         model.load_state_dict(sd, strict=True)  # copy_ casts to the arm's dtype
         window = cfg.train.seq_len + 1 + cfg.model.n_mtp_modules
-        val = TokenSampler(a.data, "val", window, cfg.train.global_batch_size, a.seed)
-        tr = TokenSampler(a.data, "train", window, cfg.train.global_batch_size, a.seed)
+        B = cfg.train.global_batch_size
+        tr_ds, val_ds = build_datasets(Corpus.open(cfg.data, load_tokenizer(cfg.data.tokenizer)), cfg.data, window,
+                                       a.seed, (cfg.train.steps + 1 + a.batches) * B, cfg.train.eval_batches * B)
+        val, tr = SampleStream(val_ds, window), SampleStream(tr_ds, window)
         model.eval()
         with torch.no_grad():
             n_val = cfg.train.eval_batches
-            vl = sum(lm_losses(model, val.batch(i))[0].item() for i in range(n_val)) / n_val
+            vl = sum(lm_losses(model, val.rows(i * B, B))[0].item() for i in range(n_val)) / n_val
         model.train()
         model.zero_grad(set_to_none=True)
         for i in range(a.batches):
-            main, mtp = lm_losses(model, tr.batch(cfg.train.steps + 1 + i))
+            main, mtp = lm_losses(model, tr.rows((cfg.train.steps + 1 + i) * B, B))
             loss = total_loss(main, mtp, cfg.model.mtp_loss_weight)
             (loss / a.batches).backward()
         g = {n: q.grad.float().clone() for n, q in model.named_parameters() if q.grad is not None}

@@ -126,11 +126,11 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--reuse", action="store_true", help="keep finished runs under --out (same steps) and only add the rest")
     args, extra = p.parse_known_args()
-    if not (Path(args.data) / "meta.json").is_file():
-        sys.path.insert(0, str(ROOT))
-        from moeforge.train.data import prepare
+    sys.path.insert(0, str(ROOT))
+    from moeforge.train.config import DataConfig
+    from moeforge.train.data import ensure_data
 
-        prepare(None, args.data)
+    ensure_data(DataConfig(dir=args.data), seed=0)  # the stdlib in the shipped BPE, on first use
     jobs = [(arm, s) for s in args.seeds for arm in args.arms]
     print(f"fp8_loss: {len(jobs)} runs ({', '.join(args.arms)} x seeds {args.seeds}), {args.steps} steps, "
           f"{args.jobs} at a time; overrides {merged_overrides(args.steps, extra)}", flush=True)

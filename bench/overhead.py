@@ -3,7 +3,7 @@
     .venv/bin/python bench/overhead.py [--steps 20] [--warmup 3] [OVERRIDES...]
 
 Both sides train the same model (train/build.build_model: the same init), on the same batches (the
-trainer's TokenSampler), split into the same micro-batches, with the same loss (model/loss.py), the same
+trainer's SampleStream), split into the same micro-batches, with the same loss (model/loss.py), the same
 grad clipping and AdamW hyper-parameters (lr fixed at train.lr: the bare loop has no schedule). The
 moeforge side is a whole step of `moeforge train` as train/loop.py runs it: Trainer.train_step (engine,
 reductions, clip, spike guard, ZeRO-1 AdamW, aux-loss-free bias update, the record) + RunMonitor.log
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer.after_step(ckpt_root, record)
 
     def bare_step(step: int) -> None:
-        chunks = trainer.train_data.batch(step).to(trainer.device).split(mb)
+        B = cfg.train.global_batch_size  # the trainer's samples of this step (no batch ramp here)
+        chunks = trainer.train_data.rows(step * B, B).to(trainer.device).split(mb)
         for rows in chunks:
             main, mtp = lm_losses(model, rows)
             (total_loss(main, mtp, lam) / len(chunks)).backward()

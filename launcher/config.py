@@ -70,6 +70,8 @@ def _writable(node) -> None:
     from omegaconf import OmegaConf
 
     OmegaConf.set_readonly(node, False)
+    if node._is_none():  # an optional field left null (train.batch_ramp, data.blend): nothing below it
+        return
     for key in node:
         child = node._get_node(key)
         if OmegaConf.is_config(child):

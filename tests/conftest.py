@@ -9,11 +9,12 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 @pytest.fixture(scope="session")
 def stdlib_data(tmp_path_factory):
-    """The default corpus (Python stdlib sources), tokenized once per test session."""
-    from moeforge.train.data import prepare
+    """A data.dir holding the default corpus (Python stdlib sources, the shipped BPE), prepared once per session."""
+    from moeforge.train.config import DataConfig
+    from moeforge.train.data import ensure_data
 
     out = tmp_path_factory.mktemp("stdlib_tokens")
-    prepare(None, out, log=lambda *a: None)
+    ensure_data(DataConfig(dir=str(out)), seed=0, log=lambda *a: None)
     return str(out)
 
 

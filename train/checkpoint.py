@@ -16,7 +16,7 @@ Logical keys (every key names the same thing under every layout):
     optim.exp_avg.<fqn>[a:b]             AdamW moments of elements [a, b) of the flattened parameter:
     optim.exp_avg_sq.<fqn>[a:b]          the ZeRO-1 shard a rank owns, under a name no other rank uses
     optim.master.<fqn>[a:b]              FP32 master weights where the parameter itself is not FP32
-    optim.step, train.step, train.tokens_seen    int64 scalars
+    optim.step, train.step, train.tokens_seen, train.consumed_samples    int64 scalars
     rng.cpu.rank00003, rng.cuda.rank00003        each rank's torch RNG state
 
 DCP treats a plain tensor saved under one key by several ranks as replicated and keeps one copy, so
@@ -24,9 +24,10 @@ every key is either truly replicated (dense weights over dp, experts over edp) o
 rank (optimizer pieces, RNG). Replicated model tensors are spread over their replicas (dense over dp,
 experts over edp) so each rank stages and writes only its share. Loading asks DCP for this rank's
 own model keys (whatever the saving layout was), and for every saved optimizer piece that overlaps
-the ranges this rank owns now; ShardedAdamW.load_state_dict assembles them. The data position needs
-no key: TokenSampler's batch is a pure function of (seed, step), so `train.step` is every dp rank's
-position. The LR schedule is a pure function of the step and the `train` config (in the manifest).
+the ranges this rank owns now; ShardedAdamW.load_state_dict assembles them. The data position is
+`train.consumed_samples`: every dp rank's share of the next batch follows from it at any dp
+(train/batches.py). The LR schedule is a pure function of the step, the samples consumed and the
+`train` config (in the manifest).
 
 Whole or not. A checkpoint is whole only when manifest.json exists, parses, and every file it lists
 has the recorded size and sha256. Resume walks the folders newest first, reports and skips any that
@@ -470,7 +471,7 @@ def rng_state(rank: int) -> dict[str, torch.Tensor]:
 def load_trainer_state(path: Path, model: torch.nn.Module, optimizer, rank: int, world: int, group=None,
                        log: Callable[[str], None] = print) -> dict:
     """Collective: load model, optimizer and this rank's RNG from the whole checkpoint at `path`, whatever
-    layout saved it. Returns {"step", "tokens_seen", "manifest"}."""
+    layout saved it. Returns {"step", "tokens_seen", "consumed_samples" (None if not saved), "manifest"}."""
     manifest = read_manifest(path)
     index = saved_tensors(path)
     want: dict[str, torch.Tensor] = {}
@@ -488,7 +489,7 @@ def load_trainer_state(path: Path, model: torch.nn.Module, optimizer, rank: int,
         raise ValueError(f"checkpoint {path} does not fit this model: missing {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''} ({len(missing)}), shape mismatch {wrong[:5]}; "
                          f"saved with model {manifest.get('config', {}).get('model', {}).get('name')!r}")
-    for key in ("train.step", "train.tokens_seen"):
+    for key in ("train.step", "train.tokens_seen", "train.consumed_samples"):
         if key in index:
             want[key] = torch.zeros((), dtype=torch.int64)
     has_optim = "optim.step" in index
@@ -523,8 +524,9 @@ def load_trainer_state(path: Path, model: torch.nn.Module, optimizer, rank: int,
     if saved_world != world:
         log(f"checkpoint: RNG states not restored (saved by {saved_world} ranks, now {world}); training draws "
             f"no random numbers from them (data and init use their own seeded generators)")
+    consumed = want.get("train.consumed_samples")
     return {"step": int(want.get("train.step", 0)), "tokens_seen": int(want.get("train.tokens_seen", 0)),
-            "manifest": manifest}
+            "consumed_samples": None if consumed is None else int(consumed), "manifest": manifest}
 
 
 def _load_optimizer(optimizer, want: dict, pieces: list[tuple[str, str, int, int]]) -> None:

@@ -55,6 +55,7 @@ class Checkpointing:
         state.update(ckpt.optimizer_state(tr.optimizer))
         state["train.step"] = torch.tensor(tr.step, dtype=torch.int64)
         state["train.tokens_seen"] = torch.tensor(tr.tokens_seen, dtype=torch.int64)
+        state["train.consumed_samples"] = torch.tensor(tr.consumed_samples, dtype=torch.int64)
         state.update(ckpt.rng_state(tr.rank))
         return state
 
@@ -66,9 +67,10 @@ class Checkpointing:
             "layout": {"world_size": d.world_size if d else 1, "pp": d.pp if d else 1, "dp": d.dp if d else 1,
                        "ep": d.ep if d else 1, "edp": d.edp if d else 1},
             "contents": ["model", "optimizer", "train", "rng"],
-            # the data position of every dp rank is TokenSampler.batch(step): a pure function of (seed, step)
-            "data": {"sampler": "TokenSampler", "seed": tr.cfg.train.seed, "next_batch": tr.step},
-            "lr_schedule": {"next_lr": lr_at(tr.step, tr.cfg.train), "of": "train.* in config"},
+            # the data position of every dp rank: train samples [0, consumed_samples) are read (train/batches.py)
+            "data": {"sampler": "GPTDataset", "seed": tr.cfg.train.seed, "consumed_samples": tr.consumed_samples,
+                     "next_global_batch": tr.batches.at(tr.consumed_samples)},
+            "lr_schedule": {"next_lr": lr_at(tr.step, tr.consumed_samples, tr.cfg.train), "of": "train.* in config"},
             "metrics": {"last": tr.last_record, "val_loss": tr.last_val_loss},
             "extra_state": {"spike_guard": tr.guard.state_dict()},
             "config": tr.cfg.to_dict(),
@@ -99,6 +101,10 @@ class Checkpointing:
         world = self.meshes.dims.world_size if self.meshes else 1
         out = ckpt.load_trainer_state(path, tr.model, tr.optimizer, tr.rank, world, self.group(), log=tr.print)
         tr.step, tr.tokens_seen = out["step"], out["tokens_seen"]
+        tr.consumed_samples = out["consumed_samples"]
+        if tr.consumed_samples is None:  # saved before the data position was a key: the step's, by the config
+            tr.consumed_samples = tr.batches.consumed_after(tr.step)
+            tr.print(f"checkpoint: {path} has no train.consumed_samples; {tr.consumed_samples:,} from step {tr.step}")
         manifest = out["manifest"]
         metrics = manifest.get("metrics") or {}
         tr.last_record, tr.last_val_loss = dict(metrics.get("last") or {}), metrics.get("val_loss")
@@ -111,7 +117,8 @@ class Checkpointing:
         if diff:
             tr.print(f"checkpoint: model config differs from the saved one in {diff}")
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        tr.print(f"moeforge: resumed from {path} at step {tr.step} ({tr.tokens_seen:,} tokens seen; saved with "
+        tr.print(f"moeforge: resumed from {path} at step {tr.step} ({tr.tokens_seen:,} tokens, "
+                 f"{tr.consumed_samples:,} samples seen; saved with "
                  f"layout {manifest.get('layout')}) in {time.perf_counter() - t0:.1f}s"
                  + (f" (torchrun restart {restart})" if restart != "0" else ""))
 

@@ -1,7 +1,9 @@
 """Typed slices of the job config owned by train/: each component gets its own slice, never the tree."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Any
 
 from .preempt import parse_signals
 
@@ -12,6 +14,17 @@ def _need(ok: bool, msg: str):
 
 
 @dataclass(frozen=True)
+class BatchRamp:
+    """Megatron's rampup_batch_size: the global batch starts at `start` sequences and grows by `increment`
+    in equal steps of consumed samples until it reaches train.global_batch_size after `ramp_samples`
+    samples (DeepSeek-V3: 3072 -> 15360 over the first 469B tokens, TR §4.2). train/batches.py BatchSchedule.
+    All three are required: `train.batch_ramp={start: 4, increment: 4, ramp_samples: 480}`."""
+    start: int
+    increment: int
+    ramp_samples: int
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 300
     global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
@@ -19,11 +32,12 @@ class TrainConfig:
     # (global_batch_size / dp) into at least 2 micro-batches, with a pipeline into at least as many as the
     # schedule needs (1f1b, zb1p: pp; dualpipe, dualpipev: 2*pp) and it accepts (train/build.py batch_split)
     micro_batch_size: int | None = None
+    batch_ramp: BatchRamp | None = None  # None: every step takes global_batch_size; else the ramp up to it
     seq_len: int = 128
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 20
-    decay_start: float = 0.6  # fraction of steps after which the cosine decay starts (constant before)
+    decay_start: float = 0.6  # fraction of the run's samples after which the cosine decay starts (constant before)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -51,6 +65,14 @@ class TrainConfig:
             _need(self.global_batch_size % self.micro_batch_size == 0,
                   f"train.global_batch_size={self.global_batch_size} must be a multiple of "
                   f"train.micro_batch_size={self.micro_batch_size}")
+        r = self.batch_ramp
+        if r is not None:
+            _need(0 < r.start < self.global_batch_size and r.increment > 0 and r.ramp_samples > 0,
+                  f"train.batch_ramp: needs 0 < start < train.global_batch_size={self.global_batch_size}, "
+                  f"increment > 0 and ramp_samples > 0, got {r}")
+            _need((self.global_batch_size - r.start) % r.increment == 0,
+                  f"train.batch_ramp: train.global_batch_size - start = {self.global_batch_size - r.start} must be a "
+                  f"multiple of increment={r.increment}")
         _need(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _need(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _need(0 <= self.decay_start <= 1, f"train.decay_start must be in [0, 1], got {self.decay_start}")
@@ -65,14 +87,34 @@ class TrainConfig:
         _need(self.debug_nan_step >= 0, f"train.debug_nan_step must be >= 0, got {self.debug_nan_step}")
 
 
+def split_shares(split: str) -> list[float]:
+    """'99,1,0' -> [99.0, 1.0, 0.0] (megatron's split string; commas, spaces or slashes); [] if malformed."""
+    parts = re.split(r"[,/ ]+", split.strip())
+    return [float(x) for x in parts] if all(re.fullmatch(r"\d+(\.\d*)?", x) for x in parts) else []
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    dir: str = "data/stdlib"  # prepared token files; made from `input` on first use
-    input: str | None = None  # folder of text files; None: the Python standard library
-    val_fraction: float = 0.01
+    """What training reads (train/data.py): megatron-core indexed datasets, sampled by GPTDataset."""
+    dir: str = "data/stdlib"  # the default corpus: `input` prepared with `tokenizer` into dir/<tokenizer>.*
+    input: str | None = None  # what the default corpus is made of (a folder, .jsonl, .parquet); None: the stdlib
+    tokenizer: str = "stdlib-bpe-4096"  # bytes | a shipped name (conf/tokenizer/) | a tokenizer.json or folder
+    fim_rate: float = 0.0  # share of the default corpus' documents prepared in Fill-in-the-Middle form (TR §4.1)
+    blend: list[Any] | None = None  # [[weight, PREFIX], ...]: train on these indexed datasets instead of dir
+    split: str = "99,1,0"  # train,valid,test shares of each dataset's documents (megatron's split string)
+    cache: str | None = None  # the document/sample/shuffle index cache; None: a cache/ folder beside the first dataset
 
     def __post_init__(self):
-        _need(0 < self.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        _need(0 <= self.fim_rate <= 1, f"data.fim_rate must be in [0, 1], got {self.fim_rate}")
+        shares = split_shares(self.split)
+        _need(len(shares) in (2, 3) and shares[0] > 0 and shares[1] > 0,
+              f"data.split={self.split!r}: 'train,valid[,test]' shares, train and valid > 0 (e.g. '99,1,0')")
+        if self.blend is not None:
+            _need(len(self.blend) > 0 and all(isinstance(b, (list, tuple)) and len(b) == 2 and
+                                              isinstance(b[0], (int, float)) and b[0] > 0 and isinstance(b[1], str)
+                                              for b in self.blend),
+                  f"data.blend={self.blend!r}: a list of [weight > 0, PREFIX] pairs, "
+                  f"e.g. [[0.3, data/a], [0.7, data/b]]")
 
 
 @dataclass(frozen=True)

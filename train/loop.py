@@ -59,15 +59,21 @@ def _run(cfg, trainer: Trainer) -> dict:
         if trainer.step % cfg.train.eval_interval == 0 or trainer.step == cfg.train.steps:
             val_loss = trainer.evaluate()
             record["val_loss"] = val_loss
+            if "loss_per_byte" in record:
+                record["val_loss_per_byte"] = val_loss / trainer.meta["bytes_per_token"]
         monitor.log(record)
         trainer.after_step(ckpt_root, record)  # checkpoint.interval saves (async); preemption: save + exit
     summary = {"steps": trainer.step, "final_loss": record.get("loss"), "val_loss": val_loss,
-               "unigram_entropy": trainer.meta["unigram_entropy_nats"], "run_dir": str(run_dir)}
+               "unigram_entropy": trainer.meta.get("unigram_entropy_nats"), "run_dir": str(run_dir)}
+    bpt = trainer.meta.get("bytes_per_token")  # rank 0, when the data records its bytes: losses per byte too
+    if bpt and summary["final_loss"] is not None and val_loss is not None:
+        summary.update(bytes_per_token=bpt, final_loss_per_byte=summary["final_loss"] / bpt,
+                       val_loss_per_byte=val_loss / bpt)
     summary.update(monitor.close(summary))
     path = trainer.save(ckpt_root)
     sample = None
     if cfg.train.sample_tokens:  # every rank runs it: with EP each forward needs all ranks' all-to-all
-        sample = greedy_sample(trainer.engine, "def ", cfg.train.sample_tokens)
+        sample = greedy_sample(trainer.engine, trainer.tokenizer, "def ", cfg.train.sample_tokens)
     if trainer.is_main:
         pngs = plot_run(run_dir)
         summary["checkpoint"], summary["loss_png"] = str(path), str(pngs[0])
@@ -75,7 +81,9 @@ def _run(cfg, trainer: Trainer) -> dict:
             summary["sample"] = sample
             trainer.print("---- greedy sample ----\n" + sample + "\n-----------------------")
         trainer.print(f"moeforge: final train loss {summary['final_loss']:.4f}, validation loss {val_loss:.4f} "
-                      f"(corpus unigram entropy {summary['unigram_entropy']:.4f})")
+                      f"nats/token (corpus unigram entropy {summary['unigram_entropy']:.4f})"
+                      + (f"; {summary['final_loss_per_byte']:.4f} / {summary['val_loss_per_byte']:.4f} nats/byte "
+                         f"at {bpt:.3f} bytes/token" if "val_loss_per_byte" in summary else ""))
         trainer.print(f"moeforge: metrics {run_dir / 'metrics.jsonl'}, loss curve {pngs[0]}, checkpoint {path}")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -90,5 +98,11 @@ def _print_job(cfg, trainer: Trainer) -> None:
         f"fp8={'blockwise/' + cfg.fp8.backend if cfg.fp8.enabled else 'off'}")
     say(f"moeforge: {t.steps} steps x {t.global_batch_size} seqs x {t.seq_len} tokens, "
         f"pp={trainer.pp}{' schedule=' + cfg.schedule.name if trainer.pp > 1 else ''} dp={trainer.dp_size} "
-        f"ep={m.dims.ep if m else 1}, {trainer.n_micro} micro-batches of {trainer.micro_batch_size}/step/rank; "
-        f"unigram entropy of the corpus {trainer.meta['unigram_entropy_nats']:.3f} nats/token")
+        f"ep={m.dims.ep if m else 1}, {trainer.n_micro} micro-batches of {trainer.micro_batch_size}/step/rank"
+        + (f"; batch ramp {t.batch_ramp.start} + {t.batch_ramp.increment} per "
+           f"{t.batch_ramp.ramp_samples // ((t.global_batch_size - t.batch_ramp.start) // t.batch_ramp.increment):,} "
+           f"samples" if t.batch_ramp else ""))
+    if trainer.meta:
+        bpt = trainer.meta["bytes_per_token"]
+        say(f"moeforge: unigram entropy of the corpus {trainer.meta['unigram_entropy_nats']:.3f} nats/token"
+            + (f", {bpt:.3f} bytes/token" if bpt else " (bytes per token unknown: no `bytes` in PREFIX.json)"))

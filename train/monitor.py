@@ -77,7 +77,9 @@ class RunMonitor:
         step = record["step"]
         dt = record.get("step_time_s")
         if dt:
-            tflops = self.flops_per_step / dt / self.world / 1e12
+            # flops_per_step is at train.global_batch_size; a step of train.batch_ramp does its share of them
+            scale = record.get("global_batch_size", self.cfg.train.global_batch_size) / self.cfg.train.global_batch_size
+            tflops = self.flops_per_step * scale / dt / self.world / 1e12
             record["tflops_per_gpu"] = tflops
             record["mfu"] = tflops / self.peak if self.peak else None
         record.update(memory_record(self.trainer.device))

@@ -37,7 +37,7 @@ def _probe(rank, world, overrides, path):
 
     from moeforge.launcher.config import load_job_config
     from moeforge.train import checkpoint as ckpt
-    from moeforge.train.data import TokenSampler
+    from moeforge.train.data import SampleStream
     from moeforge.train.build import setup_distributed
     from moeforge.train.trainer import Trainer
 
@@ -63,7 +63,7 @@ def _probe(rank, world, overrides, path):
                 for (a, b), t in full[(kind, name)].items():
                     flat[a:b] = t
                 assert torch.equal(e[kind], flat[e["start"]:e["end"]]), (kind, name)
-        rows = TokenSampler(cfg.data.dir, "train", 34, 8, cfg.train.seed).batch(4)  # the whole batch, every rank
+        rows = SampleStream(tr.train_data.dataset, 34).rows(tr.consumed_samples, 8)  # the whole next batch, every rank
         tr.model.eval()
         with torch.no_grad():
             logits, _ = tr.model(rows[:, :32])

@@ -47,8 +47,9 @@ def assert_same_run(a, b, rel):
     for x, y in zip(a, b):
         for key in ("loss", "mtp_loss"):
             assert y[key] == pytest.approx(x[key], rel=rel), (x["step"], key)
-        # the gradient norm amplifies the weights' rounding differences (~1e-6 after 20 steps)
-        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=10 * rel), x["step"]
+        # the gradient norm amplifies the weights' rounding differences: ~1e-6 after 20 steps on byte tokens,
+        # up to 3.4e-5 on the shipped BPE's (the code before the BPE, fed the same tokens, measured the same)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=100 * rel), x["step"]
         if "val_loss" in x:
             assert y["val_loss"] == pytest.approx(x["val_loss"], rel=rel)
         assert y["expert_load_max_over_mean"] == pytest.approx(x["expert_load_max_over_mean"], rel=1e-12)
