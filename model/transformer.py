@@ -92,13 +92,15 @@ class Transformer(nn.Module):
         """Normal(0, init_std) for every matrix (DeepSeek-V3 uses 0.006), ones for the norms.
 
         Each parameter draws from its own generator seeded by (seed, its name), so a pipeline stage or
-        an expert-parallel shard holds exactly the values the whole single-process model would.
+        an expert-parallel shard holds exactly the values the whole single-process model would. The
+        generator is a CPU one whatever the device (the draw is copied over), so a GPU run starts from
+        the CPU run's weights: bench/gpu_check.sh compares their losses.
         """
         std = self.args.init_std
         for name, p in self.named_parameters():
             if p.ndim >= 2:
-                g = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-                p.normal_(0.0, std, generator=g)
+                g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                p.copy_(torch.empty(p.shape, dtype=p.dtype).normal_(0.0, std, generator=g))
             else:  # RMSNorm weights are the only 1-D parameters (no Linear has a bias)
                 p.fill_(1.0)
         for m in self.moe_layers():

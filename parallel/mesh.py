@@ -88,6 +88,10 @@ def _backend_options(backend: str, timeout_s: float):
     if backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
         opts.is_high_priority_stream = False
+    elif backend == "fakecuda":  # the dry run's process group (train/dryrun.py)
+        from torch._C._distributed_c10d import FakeProcessGroup
+
+        opts = FakeProcessGroup.Options()
     else:
         opts = dist.ProcessGroupGloo._Options()
     opts._timeout = datetime.timedelta(seconds=timeout_s)

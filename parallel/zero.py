@@ -66,9 +66,13 @@ class _FlatGroup:
         self.decay_end = sum(p.numel() for _, p in decay)
         if self.n > 1:  # every rank of the group must lay out the same parameters, or the shards mean nothing
             layout = zlib.crc32(repr([(s.name, tuple(s.param.shape)) for s in self.segments]).encode())
-            seen = [None] * self.n
+            # on the parameters' device: the group is NCCL on GPUs (no pickled objects, no host tensors)
+            dev = named[0][1].device if named else torch.device("cpu")
+            mine = torch.tensor([layout, self.numel], dtype=torch.int64).to(dev)
+            seen_t = torch.empty(self.n * 2, dtype=torch.int64, device=dev)
             with peer_guard(f"ShardedAdamW init ({kind}: layout check)", group):
-                dist.all_gather_object(seen, (layout, self.numel), group=group)
+                dist.all_gather_into_tensor(seen_t, mine, group=group)
+            seen = [tuple(x) for x in seen_t.view(self.n, 2).tolist()]
             if len(set(seen)) > 1:
                 raise ValueError(f"ShardedAdamW {kind}: ranks {dist.get_process_group_ranks(group)} hold different "
                                  f"parameters (layout crc, numel per rank: {seen}); wrong group or wrong is_expert?")

@@ -29,6 +29,8 @@ class MoeBalance:
         self.layers, self.all_labels, self.gamma, self.meshes = layers, all_labels, gamma, meshes
         self.rows = [all_labels.index(label) for label in labels]  # this rank's layers in the whole matrix
         self.n_experts = n_experts
+        self.device = layers[0].gate.bias.device if layers else torch.device("cpu")
+        self.row_index = torch.tensor(self.rows, dtype=torch.int64).to(self.device)  # made once, not per step
         self.reduce_tied_loads = reduce_tied_loads
         self.load: torch.Tensor | None = None  # [MoE layer, expert] routed tokens of the last applied step
 
@@ -40,28 +42,31 @@ class MoeBalance:
     @torch.no_grad()
     def update_bias(self) -> torch.Tensor:
         """Apply the bias update from this step's global loads; keep (and return) the loads of every MoE
-        layer of the model as a [layer, expert] CPU tensor. Collective over dp (and pp)."""
+        layer of the model as a [layer, expert] float64 tensor on the device. Collective over dp (and pp)."""
         loads = [m.tokens_per_expert for m in self.layers]
         self.reduce_tied_loads()
         if self.meshes is not None and loads:
             all_reduce_sum_(loads, self.meshes, "dp")
-        out = torch.stack(loads).cpu() if loads else torch.zeros(0, self.n_experts)
         for m, load in zip(self.layers, loads):
             update_balance_bias_(m.gate.bias, load, self.gamma)
+        full = torch.zeros(len(self.all_labels), self.n_experts, dtype=torch.float64, device=self.device)
+        if loads:
+            full.index_copy_(0, self.row_index, torch.stack(loads).double())
+        for load in loads:
             load.zero_()
-        if self.meshes is not None and self.meshes.dims.pp > 1:
-            full = torch.zeros(len(self.all_labels), out.size(1), dtype=torch.float64)
-            full[self.rows] = out.double()
-            out = max_over_pp_(full, self.meshes).to(out.dtype)
-        self.load = out
-        return out
+        self.load = max_over_pp_(full, self.meshes)
+        return self.load
 
     def bias_abs_max(self) -> torch.Tensor:
-        """The largest |b_i| over the model's MoE layers (collective over pp)."""
-        v = torch.tensor([max((float(m.gate.bias.abs().max()) for m in self.layers), default=0.0)],
-                         dtype=torch.float64)
+        """The largest |b_i| over the model's MoE layers, a float64 scalar on the device (collective over pp)."""
+        v = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if self.layers:
+            v = torch.stack([m.gate.bias.abs().max() for m in self.layers]).max().double().view(1)
         return max_over_pp_(v, self.meshes)
 
     def stats(self, routed_copies_per_layer: int) -> dict:
-        """The record's MoE fields for the last applied step (health.moe_load_stats)."""
-        return moe_load_stats(self.load, [self.bias_abs_max()], routed_copies_per_layer)
+        """The record's MoE fields for the last applied step (health.moe_load_stats); one host read, which
+        also leaves `load` on the host for the metrics."""
+        host = torch.cat([self.load.flatten(), self.bias_abs_max()]).cpu()
+        self.load = host[:-1].view_as(self.load)
+        return moe_load_stats(self.load, host[-1], routed_copies_per_layer)

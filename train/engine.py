@@ -14,7 +14,7 @@ The trainer (train/trainer.py) sees only this interface.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -35,10 +35,11 @@ NamedParams = list[tuple[str, nn.Parameter]]
 
 @dataclass(frozen=True)
 class LossSums:
-    """One step's losses on this rank, summed over the micro-batches whose loss it computed."""
-    lm: float
-    mtp: float  # per micro-batch the mean over the MTP depths
-    aux: float  # sequence-wise balance loss of this rank's MoE layers
+    """One step's losses on this rank, summed over the micro-batches whose loss it computed: float64
+    scalars on the device (read on the host once per step, after the reductions: train/trainer.py)."""
+    lm: torch.Tensor
+    mtp: torch.Tensor  # per micro-batch the mean over the MTP depths
+    aux: torch.Tensor  # sequence-wise balance loss of this rank's MoE layers
     wait_s: float = 0.0  # time blocked in pipeline receives: bubble + exposed P2P (0 without a pipeline)
 
 
@@ -51,7 +52,8 @@ class StepEngine(Protocol):
     def forward_backward(self, micro_batches: list[torch.Tensor], poison: bool = False) -> LossSums:
         """Forward + backward of every micro-batch ([B, T+1+D] token rows); poison: a NaN loss (a test aid)."""
 
-    def eval_losses(self, micro_batches: list[torch.Tensor]) -> list[float]: ...
+    def eval_losses(self, micro_batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Main LM loss of each micro-batch whose loss is on this rank, as device scalars."""
 
     def greedy_next(self, ids: list[int]) -> int: ...
 
@@ -71,19 +73,20 @@ class LocalEngine:
         n = len(micro_batches)
         for m in self.moe_layers:
             m.aux_loss_scale = 1.0 / n  # the aux loss's gradient is averaged like the LM loss's
-        lm, mtp_mean, aux = 0.0, 0.0, 0.0
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # lm, mtp mean, aux: no host read
         for rows in micro_batches:
             main, mtp = lm_losses(self.model, rows)
             if poison:
                 main = main * float("nan")
             (total_loss(main, mtp, self.lam) / n).backward()
-            lm += main.item()
-            mtp_mean += sum(x.item() for x in mtp) / max(len(mtp), 1)
-            aux += sum(m.last_aux_loss.item() for m in self.moe_layers if m.last_aux_loss is not None)
-        return LossSums(lm, mtp_mean, aux)
+            aux = [m.last_aux_loss for m in self.moe_layers if m.last_aux_loss is not None]
+            sums += torch.stack([main.detach().double(),
+                                 torch.stack(mtp).detach().double().mean() if mtp else sums.new_zeros(()),
+                                 torch.stack(aux).double().sum() if aux else sums.new_zeros(())])
+        return LossSums(*sums.unbind())
 
-    def eval_losses(self, micro_batches: list[torch.Tensor]) -> list[float]:
-        return [lm_losses(self.model, rows)[0].item() for rows in micro_batches]
+    def eval_losses(self, micro_batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [lm_losses(self.model, rows)[0].detach() for rows in micro_batches]
 
     def greedy_next(self, ids: list[int]) -> int:
         logits, _ = self.model(torch.tensor([ids[-self.model.args.max_seq_len:]], device=self.device))
@@ -94,8 +97,13 @@ class LocalEngine:
 
 
 class PipelineEngine:
-    def __init__(self, model: Transformer, rt: PipelineRuntime, pp_group: dist.ProcessGroup, device: torch.device):
-        self.model, self.rt, self.pp_group, self.device = model, rt, pp_group, device
+    def __init__(self, model: Transformer, make_runtime: Callable[[int], PipelineRuntime], n_micro: int,
+                 pp_group: dist.ProcessGroup, device: torch.device):
+        """make_runtime(n): the runtime whose schedule runs n micro-batches; one is built per count a step
+        brings (train.batch_ramp changes it) and kept."""
+        self.model, self.pp_group, self.device = model, pp_group, device
+        self.make_runtime, self.rt = make_runtime, (rt := make_runtime(n_micro))
+        self.runtimes = {n_micro: rt}
         self.named_params = [(n, p) for n, p in rt.named_parameters() if p.requires_grad]
         self.norm_params = rt.owned_named_parameters()
         self.moe_layers = model.moe_layers()
@@ -105,15 +113,18 @@ class PipelineEngine:
     def forward_backward(self, micro_batches: list[torch.Tensor], poison: bool = False) -> LossSums:
         if poison:
             raise ValueError("train.debug_nan_step is not supported with parallel.pp > 1")
+        if len(micro_batches) not in self.runtimes:
+            self.runtimes[len(micro_batches)] = self.make_runtime(len(micro_batches))
+        self.rt = self.runtimes[len(micro_batches)]
         self.rt.step(micro_batches)  # every micro-batch's forward and backward, in the schedule's order
         s = self.rt.stats
-        sums = LossSums(sum(s["lm_loss"]), sum(s["mtp_loss"]), s["aux_loss"], self.rt.wait_s)
+        sums = LossSums(s["lm_loss"].double(), s["mtp_loss"].double(), s["aux_loss"].double(), self.rt.wait_s)
         self.rt.reduce_tied_grads()  # embedding copies / DualPipe's twin stages
         return sums
 
-    def eval_losses(self, micro_batches: list[torch.Tensor]) -> list[float]:
+    def eval_losses(self, micro_batches: list[torch.Tensor]) -> list[torch.Tensor]:
         losses = self.rt.forward_only(micro_batches, lambda stage, h, rows: stage.main_loss(h, rows))
-        return [float(x) for x in losses if x is not None]
+        return [x.detach() for x in losses if x is not None]
 
     def greedy_next(self, ids: list[int]) -> int:
         """One forward of the whole pipe (collective over pp)."""
@@ -137,7 +148,6 @@ def build_engine(cfg, device: torch.device, meshes: Meshes | None, counters: Byt
         return LocalEngine(build_model(cfg, device, meshes, counters), device)
     sc = cfg.schedule
     model = build_model(cfg, device, meshes, counters, stage_ids=stage_placement(sc.name, pp)[meshes.coords.pp])
-    rt = PipelineRuntime.for_schedule(sc.name, model.stages, meshes.pp, n_micro, overlap=sc.overlap,
-                                      split_middle_pair=sc.split_middle_pair, fb_weight_split=sc.fb_weight_split,
-                                      timeout_s=cfg.parallel.timeout_s)
-    return PipelineEngine(model, rt, meshes.pp, device)
+    return PipelineEngine(model, lambda n: PipelineRuntime.for_schedule(
+        sc.name, model.stages, meshes.pp, n, overlap=sc.overlap, split_middle_pair=sc.split_middle_pair,
+        fb_weight_split=sc.fb_weight_split, timeout_s=cfg.parallel.timeout_s), n_micro, meshes.pp, device)

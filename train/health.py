@@ -83,17 +83,23 @@ def moe_layer_labels(model: torch.nn.Module) -> list[str]:
     return out
 
 
+def model_moe_labels(args) -> list[str]:
+    """moe_layer_labels of the whole model, from its args alone (no model built: the 671b one takes ~25 s)."""
+    return ([str(i) for i in range(args.n_layers) if args.is_moe_layer(i)]
+            + [f"mtp{k}" for k in range(args.n_mtp_modules)])
+
+
 @torch.no_grad()
-def moe_load_stats(loads_LE: torch.Tensor, biases: list[torch.Tensor], expected_per_layer: int) -> dict:
-    """Per-step MoE health from the global routed-token counts [layers, experts]."""
-    loads = loads_LE.double().cpu()
+def moe_load_stats(loads_LE: torch.Tensor, bias_abs_max: torch.Tensor, expected_per_layer: int) -> dict:
+    """Per-step MoE health from the global routed-token counts [layers, experts] and the largest |bias|
+    (host tensors: the trainer reads them from the device once per step)."""
+    loads = loads_LE.double()
     ratio = loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)
-    bias_abs = [float(b.abs().max()) for b in biases]
     dropped = int(round(expected_per_layer * loads.size(0) - float(loads.sum())))
     return {
         "expert_load_max_over_mean": float(ratio.max()) if len(ratio) else 0.0,
         "moe_load_max_over_mean": [round(float(r), 4) for r in ratio],  # one per MoE layer
-        "moe_bias_abs_max": max(bias_abs, default=0.0),
+        "moe_bias_abs_max": float(bias_abs_max),
         "moe_tokens_dropped": dropped,
     }
 

@@ -5,6 +5,10 @@ Losses are sums over this rank's micro-batches; summing them over dp and pp give
 layers have aux losses; the others add zeros). MoE statistics per layer are taken as a MAX over pp:
 each pp rank fills the rows of its own layers and leaves the others at zero (DualPipe's twin stages
 hold equal rows), so the MAX is the assembled matrix.
+
+Everything here reduces tensors on the model's device: the groups are NCCL on GPUs, and NCCL takes
+device tensors only (the dry run, train/dryrun.py, fails a host tensor on a device group). The host
+reads the results once per step (train/trainer.py).
 """
 from __future__ import annotations
 
@@ -15,15 +19,13 @@ from moeforge.parallel.grad_sync import all_reduce_sum_
 from moeforge.parallel.mesh import Meshes
 
 
-def sum_over_dp_pp(values: list[float], meshes: Meshes | None) -> list[float]:
-    """Each value summed over the dp and pp groups (as float64); unchanged in a single process."""
-    if meshes is None or (meshes.dims.dp == 1 and meshes.dims.pp == 1):
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    all_reduce_sum_([t], meshes, "dp")
-    if meshes.dims.pp > 1:
+def sum_over_dp_pp_(t: torch.Tensor, meshes: Meshes | None) -> torch.Tensor:
+    """In place: t summed over the dp and pp groups (unchanged in a single process)."""
+    if meshes is not None and meshes.dims.dp > 1:
+        all_reduce_sum_([t], meshes, "dp")
+    if meshes is not None and meshes.dims.pp > 1:
         all_reduce_sum_([t], meshes, "pp")
-    return t.tolist()
+    return t
 
 
 def max_over_pp_(t: torch.Tensor, meshes: Meshes | None) -> torch.Tensor:

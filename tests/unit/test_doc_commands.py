@@ -6,6 +6,8 @@ comments dropped) and checked the way the command itself would check it before s
 - launch: the config composes and its layout is valid for --nproc-per-node x --nnodes ranks;
 - slurm submit: the batch script renders (--dry-run) for --nodes x --gpus-per-node ranks;
 - plan: the planner runs to its table;
+- dryrun: the config composes, and the rank and the layout are valid for the world (not the run itself:
+  tests/e2e/test_dryrun.py runs it);
 - everything else (data, report, doctor, ckpt, slurm status/cancel, which need files or a cluster): the
   arguments parse.
 A synopsis (a line with [optional], a|b or UPPERCASE placeholders), or inline code that only mentions a
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from moeforge.launcher import dryrun
 from moeforge.launcher.cli import build_parser, check_launch
 from moeforge.launcher.config import load_job_config
 from moeforge.train.build import check_layout
@@ -58,7 +61,7 @@ def all_commands() -> list[tuple[str, str]]:
 
 
 COMMANDS = all_commands()
-VERBS = {"train", "launch", "data", "report", "doctor", "plan", "ckpt", "slurm"}
+VERBS = {"train", "launch", "data", "report", "doctor", "plan", "ckpt", "slurm", "dryrun"}
 
 
 def is_synopsis(cmd: str) -> bool:
@@ -82,6 +85,9 @@ def test_command_runs_as_written(where, cmd, capsys):
         return
     if argv[-1] == "...":  # "and the rest of your overrides": check what is written
         argv = argv[:-1]
+    if argv[0] == "dryrun":  # its own parser (a process of its own: launcher/dryrun.py)
+        dryrun.check(dryrun.parse(argv[1:]))
+        return
     args = build_parser().parse_args(argv)
     verb = argv[0]
     if verb == "train":

@@ -10,7 +10,7 @@ from moeforge.model.args import ModelArgs, load_preset
 from moeforge.model.transformer import Transformer
 from moeforge.parallel.zero import ShardedAdamW
 from moeforge.train.config import LoggingConfig
-from moeforge.train.health import SpikeGuard, moe_layer_labels, moe_load_stats, require_finite_state
+from moeforge.train.health import SpikeGuard, model_moe_labels, moe_layer_labels, moe_load_stats, require_finite_state
 from moeforge.train.metrics import MetricsLogger, StepTimer, _scalars, device_peak_tflops, read_metrics
 from moeforge.train.report import plot_expert_load, plot_run
 
@@ -75,10 +75,10 @@ def test_too_many_skips_in_a_row_stop_the_run():
 
 def test_moe_load_stats():
     loads = torch.tensor([[4.0, 4.0, 4.0, 4.0], [10.0, 2.0, 2.0, 2.0]])  # 2 layers, 4 experts, 16 copies each
-    s = moe_load_stats(loads, [torch.tensor([0.1, -0.3]), torch.tensor([0.0, 0.2])], expected_per_layer=16)
+    s = moe_load_stats(loads, torch.tensor(0.3, dtype=torch.float64), expected_per_layer=16)
     assert s["moe_load_max_over_mean"] == [1.0, 2.5] and s["expert_load_max_over_mean"] == 2.5
     assert s["moe_bias_abs_max"] == pytest.approx(0.3) and s["moe_tokens_dropped"] == 0
-    assert moe_load_stats(loads, [], expected_per_layer=18)["moe_tokens_dropped"] == 4
+    assert moe_load_stats(loads, torch.tensor(0.0), expected_per_layer=18)["moe_tokens_dropped"] == 4
 
 
 def test_moe_layer_labels_follow_moe_layers_order():
@@ -158,3 +158,14 @@ def test_tensorboard_sink_or_a_clear_error(tmp_path):
     m.close()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert read_metrics(tmp_path / "metrics.jsonl")[0]["loss"] == 2.5
+
+
+@pytest.mark.parametrize("preset", ["tiny", "16b"])
+def test_moe_labels_from_args_match_the_model(preset):
+    from moeforge.model.args import load_preset
+    from moeforge.model.transformer import Transformer
+
+    args = load_preset(preset)
+    with torch.device("meta"):
+        model = Transformer(args)
+    assert model_moe_labels(args) == moe_layer_labels(model)
