@@ -19,11 +19,11 @@ pytestmark = pytest.mark.timeout(600)
 # losses and grad norm, one of the MoE statistics, the step timer's event sync and, with a pipeline, the
 # bubble timer's.
 LAYOUTS = {
-    "one-rank": (["--world-size", "1"], 11),  # 2 micro-batches x 4 MoE layers + 3
+    "one-rank": (["--world-size", "1", "--steps", "1"], 11),  # 2 micro-batches x 4 MoE layers + 3
     "cpu4-rank0": (["--world-size", "4", "experiment=cpu4"], 8),
     "pp2-ep4-two-hop-fp8-rank5": (["--world-size", "8", "--rank", "5", "parallel.pp=2", "parallel.ep=4",
                                    "parallel.ranks_per_node=2", "parallel.two_hop=true", "schedule=1f1b",
-                                   "parallel.fp8_dispatch=true", "fp8=blockwise"], 12),
+                                   "parallel.fp8_dispatch=true", "fp8=blockwise", "--steps", "1"], 12),
     "671b-report-layout-rank2047": (["model=671b", "parallel.pp=16", "parallel.ep=64", "cluster.gpu=h800",
                                      "cluster.nodes=256", "schedule=dualpipev", "train.seq_len=4096",
                                      "train.global_batch_size=4096", "train.micro_batch_size=1", "--rank", "2047",
