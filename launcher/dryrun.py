@@ -33,7 +33,7 @@ def parse(argv: list[str]):
     p = argparse.ArgumentParser(prog="moeforge dryrun", description="one rank of a layout on a fake GPU: "
                                 "peak memory by category and host syncs per step (train/dryrun.py)")
     add_arguments(p)
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before and after the flags
 
 
 def check(args):
