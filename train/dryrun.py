@@ -35,7 +35,6 @@ import contextlib
 import os
 import sys
 import time
-import traceback
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -40,7 +40,6 @@ class LossSums:
     lm: torch.Tensor
     mtp: torch.Tensor  # per micro-batch the mean over the MTP depths
     aux: torch.Tensor  # sequence-wise balance loss of this rank's MoE layers
-    wait_s: float = 0.0  # time blocked in pipeline receives: bubble + exposed P2P (0 without a pipeline)
 
 
 class StepEngine(Protocol):
@@ -56,6 +55,10 @@ class StepEngine(Protocol):
         """Main LM loss of each micro-batch whose loss is on this rank, as device scalars."""
 
     def greedy_next(self, ids: list[int]) -> int: ...
+
+    def wait_s(self) -> float:
+        """The last step's time blocked in pipeline receives (bubble + exposed P2P; 0 without a pipeline).
+        On CUDA reading it waits for the step's last receive: read it after the step's host read."""
 
     def reduce_tied_loads(self) -> None:
         """Sum MoE token counts over the ranks that hold the same layers (DualPipe's twin stages)."""
@@ -95,6 +98,9 @@ class LocalEngine:
     def reduce_tied_loads(self) -> None:
         pass
 
+    def wait_s(self) -> float:
+        return 0.0
+
 
 class PipelineEngine:
     def __init__(self, model: Transformer, make_runtime: Callable[[int], PipelineRuntime], n_micro: int,
@@ -118,9 +124,12 @@ class PipelineEngine:
         self.rt = self.runtimes[len(micro_batches)]
         self.rt.step(micro_batches)  # every micro-batch's forward and backward, in the schedule's order
         s = self.rt.stats
-        sums = LossSums(s["lm_loss"].double(), s["mtp_loss"].double(), s["aux_loss"].double(), self.rt.wait_s)
+        sums = LossSums(s["lm_loss"].double(), s["mtp_loss"].double(), s["aux_loss"].double())
         self.rt.reduce_tied_grads()  # embedding copies / DualPipe's twin stages
         return sums
+
+    def wait_s(self) -> float:
+        return self.rt.wait_s
 
     def eval_losses(self, micro_batches: list[torch.Tensor]) -> list[torch.Tensor]:
         losses = self.rt.forward_only(micro_batches, lambda stage, h, rows: stage.main_loss(h, rows))

@@ -131,8 +131,8 @@ class Trainer:
         if self.meta.get("bytes_per_token"):
             record["loss_per_byte"] = record["loss"] / self.meta["bytes_per_token"]
         # the time blocked in pipeline receives (bubble + exposed P2P) is not compute; 0 without a pipeline
-        record["time_bubble_s"] = sums.wait_s
-        record["time_compute_s"] -= sums.wait_s
+        record["time_bubble_s"] = wait_s = self.engine.wait_s()
+        record["time_compute_s"] -= wait_s
         if skip is not None:
             record["skip_reason"] = skip
         else:
