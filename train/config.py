@@ -44,6 +44,10 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     moment_dtype: str = "float32"  # AdamW moments: float32 | bfloat16 (the report keeps them in BF16)
+    # activations recomputed in backward: none | selective (RMSNorm outputs and MLA up-projections, TR §3.2.3)
+    # | full (whole blocks: activation checkpointing); gradients are bitwise those of none
+    recompute: str = "none"
+    ema_decay: float = 0.0  # EMA of the parameters in pinned CPU memory (TR §3.2.3), e.g. 0.999; 0: off
     bias_update_speed: float | None = None  # gamma; None: the model's value
     seed: int = 0
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
@@ -79,6 +83,9 @@ class TrainConfig:
         _need(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         _need(self.moment_dtype in ("float32", "bfloat16"),
               f"train.moment_dtype={self.moment_dtype!r} not in float32|bfloat16")
+        _need(self.recompute in ("none", "selective", "full"),
+              f"train.recompute={self.recompute!r} not in none|selective|full")
+        _need(0 <= self.ema_decay < 1, f"train.ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
         _need(self.device in ("auto", "cpu", "cuda"), f"train.device={self.device!r} not in auto|cpu|cuda")
         _need(self.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {self.sample_tokens}")
         _need(self.spike_zscore >= 0, f"train.spike_zscore must be >= 0 (0: off), got {self.spike_zscore}")
