@@ -18,9 +18,8 @@ and FP8 swap the way train/build.py does, runs one micro-batch of `seq_len` toke
 what stays alive. The planner (launcher/plan.py) prices activations with it, so the plan's activation
 memory is the runtime's own by construction. Routing on fake tensors is evenly spread (model/host.py's
 stand-in, the planner's assumption); the experts run through LocalDispatcher, as an EP rank's received
-rows would (the all-to-all's own buffers are counted by the dry run, not here). Attention takes the
-fused CPU kernel, which like FlashAttention and the memory-efficient kernel keeps the output and a
-log-sum-exp per row, never the [T, T] scores.
+rows would (the all-to-all's own buffers are counted by the dry run, not here). The two ops whose CPU
+kernels keep other tensors than their CUDA kernels, attention and RMSNorm, keep what CUDA's keep (_AsOnGpu).
 """
 from __future__ import annotations
 
@@ -103,7 +102,7 @@ def _measure(args, seq_len: int, recompute: str, fp8, micro_batch: int) -> tuple
     dtype, B, T, D = DTYPES[args.dtype], micro_batch, seq_len, args.dim
     tokens = B * T
     out = {}
-    with _fake_mode(), uniform_routing(), torch.device("cpu"), _FusedAttention():
+    with _fake_mode(), uniform_routing(), torch.device("cpu"), _AsOnGpu():
         angles = yarn_freqs(args)
         head_norm = RMSNorm(D, args.norm_eps, dtype=dtype)
         head = torch.nn.Linear(D, args.vocab_size, bias=False, dtype=dtype)
@@ -157,10 +156,39 @@ def _fake_mode():
     return FakeTensorMode()
 
 
-class _FusedAttention(TorchFunctionMode):
-    """F.scaled_dot_product_attention as a GPU runs it: a fused kernel (the memory-efficient one, as the dry
-    run does: MLA's head dims 192/128 rule out FlashAttention) that keeps the output and a log-sum-exp per
-    row. Under fake CPU tensors SDPA would take the math path and keep [heads, T, T] scores."""
+class _FusedRmsNorm(torch.autograd.Function):
+    """F.rms_norm as CUDA runs it: torch's fused kernel (aten._fused_rms_norm, CUDA and MPS only), whose
+    backward node keeps the input, the weight and the per-row rstd. On CPU tensors, real or fake, rms_norm
+    is decomposed into ops that also keep the normalised FP32 product. Same forward values, same gradients
+    (the textbook formulas), a GPU's saved set."""
+
+    @staticmethod
+    def forward(ctx, x, shape, weight, eps):
+        dims = tuple(range(-len(shape), 0))
+        rstd = torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + (torch.finfo(x.dtype).eps if eps is None else eps))
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.dims = dims
+        y = x * rstd
+        return y * weight if weight is not None else y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, rstd = ctx.saved_tensors
+        gw = g * weight if weight is not None else g
+        xhat = x * rstd
+        dx = rstd * (gw - xhat * (gw * xhat).mean(ctx.dims, keepdim=True))
+        dw = None
+        if weight is not None and ctx.needs_input_grad[2]:
+            dw = (g * xhat).reshape(-1, *weight.shape).sum(0)
+        return dx, None, dw, None
+
+
+class _AsOnGpu(TorchFunctionMode):
+    """The two ops whose kernel, and so whose saved tensors, a CPU build picks differently from a GPU:
+    F.scaled_dot_product_attention takes a fused kernel (the memory-efficient one, as the dry run does:
+    MLA's head dims 192/128 rule out FlashAttention) that keeps the output and a log-sum-exp per row,
+    where fake CPU tensors would take the math path and keep [heads, T, T] scores; F.rms_norm keeps what
+    the fused CUDA kernel's backward node keeps (_FusedRmsNorm)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -170,6 +198,10 @@ class _FusedAttention(TorchFunctionMode):
             return torch.ops.aten._scaled_dot_product_efficient_attention(
                 q, k, v, None, q.requires_grad or k.requires_grad or v.requires_grad,
                 is_causal=kwargs.get("is_causal", False), scale=kwargs.get("scale"))[0]
+        if func is torch.nn.functional.rms_norm:
+            bound = dict(zip(("input", "normalized_shape", "weight", "eps"), args), **kwargs)
+            return _FusedRmsNorm.apply(bound["input"], tuple(bound["normalized_shape"]), bound.get("weight"),
+                                       bound.get("eps"))
         return func(*args, **kwargs)
 
 

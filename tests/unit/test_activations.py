@@ -42,3 +42,18 @@ def test_saved_bytes_of_the_tiny_model_per_token_do_not_grow_with_the_sequence()
     a = args
     assert short["dense"] > 4 * (3 * a.inter_dim + a.n_heads * a.v_head_dim)
     assert short["head"] >= 4 * a.vocab_size  # the logits (and their fp32 log-softmax) are kept
+
+
+def test_the_gpu_rms_norm_stand_in_has_torch_values_and_gradients():
+    from moeforge.train.activations import _FusedRmsNorm
+
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _FusedRmsNorm.apply(a, (16,), b, 1e-6), (x, w))
+    torch.testing.assert_close(_FusedRmsNorm.apply(x, (16,), w, 1e-6),
+                               torch.nn.functional.rms_norm(x, (16,), w, 1e-6))
+    with LiveBytes() as live:
+        h = x * 1  # an activation: kept as the norm's input, plus one rstd per row, nothing else
+        y = _FusedRmsNorm.apply(h, (16,), w, 1e-6)
+        del h
+        assert live.live(exclude=(y,)) == x.numel() * 8 + 15 * 8
