@@ -18,6 +18,10 @@ transient. Embedding, output head, MoE gate, norms and the attention core stay h
 Backends (Fp8Config.backend, explicit and logged): emulate = reference.py torch math on CPU or GPU;
 triton = kernels.py; cublas = torch scaled_mm blockwise (SM90, CUDA >= 12.9). NaN/inf propagate: a
 non-finite value poisons its tile's scale, so every output it touches is NaN, never a clamped number.
+Backward reads FP8 caches (TR §3.3.3; fp8/cache.py, Fp8Config.cache_fp8_activations / cache_fp8_weights): a
+Linear saves X as Fprop's 1 x 128 tiles and converts them to Wgrad's 128 x 1 tiles (act_requant_t: exact
+with power_of_2_scales, a second rounding without); the grouped experts save xs, h1, h3 as FP8 tiles and
+recompute SwiGLU; wo keeps its input in BF16. W's FP8 blocks are made once per weight version.
 Expected error vs float64 on Gaussian data: sqrt(2) x 2.66% = 3.7% relative (Frobenius) per GEMM, two
 operands' E4M3 rounding (reference.e4m3_rel_rms derives the 2.66%).
 """
@@ -38,6 +42,11 @@ _LAZY = {
     "check_backend": "gemm",
     "get_ops": "gemm",
     "unavailable_reason": "gemm",
+    "Fp8WeightCache": "cache",
+    "act_cache_bytes_per_element": "cache",
+    "weight_cache_bytes": "cache",
+    "fp8_weight_cache_bytes": "linear",
+    "default_keep_input": "linear",
     "Fp8Linear": "linear",
     "Fp8LinearFunction": "linear",
     "apply_fp8": "linear",
@@ -45,7 +54,7 @@ _LAZY = {
     "dequantize_from_dispatch": "reference",
     "quantize_for_dispatch": "reference",
 }
-_SUBMODULES = ("config", "gemm", "linear", "reference")  # `import fp8; fp8.reference` keeps working
+_SUBMODULES = ("cache", "config", "gemm", "linear", "reference")  # `import fp8; fp8.reference` keeps working
 
 __all__ = sorted(_LAZY)
 

@@ -15,8 +15,15 @@ class Fp8Config:
     act_block: int = 128  # activations / gradients: 1 x act_block tiles (128 x 1 along tokens for Wgrad)
     weight_block: int = 128  # weights: weight_block x weight_block blocks
     grouped_experts: bool = True  # routed experts as one grouped FP8 call (fp8/grouped.py), not a loop; same numerics
+    # TR §3.3.3: Linear backward reads its input from the FP8 1 x 128 tiles Fprop made (converted to 128 x 1 for
+    # Wgrad), and the grouped experts keep xs, h1, h3 as FP8 tiles and recompute SwiGLU; false: high precision
+    cache_fp8_activations: bool = True
+    cache_fp8_weights: bool = True  # keep each weight's FP8 blocks between micro-batches until the weight changes
 
     def __post_init__(self) -> None:
+        for name in ("enabled", "power_of_2_scales", "grouped_experts", "cache_fp8_activations", "cache_fp8_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"fp8.{name} must be true or false, got {getattr(self, name)!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"fp8.backend must be one of {BACKENDS}, got {self.backend!r}")
         for name in ("act_block", "weight_block"):

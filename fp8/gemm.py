@@ -24,13 +24,14 @@ from moeforge.fp8.reference import b_scale_kind, cdiv, check_gemm_args
 
 @dataclass(frozen=True)
 class Fp8Ops:
-    """The four calls Fp8Linear makes; every backend has the signatures of fp8/reference.py."""
+    """The calls Fp8Linear makes; every backend has the signatures of fp8/reference.py."""
 
     name: str
     act_quant: Callable  # (x (..., K), block, pow2) -> q, s (..., K/128)          1 x 128
     act_quant_t: Callable  # (x (T, C), block, pow2) -> q_t (C, T), s_t (C, T/128)   128 x 1, transposed
     weight_quant: Callable  # (w (N, K), block, pow2) -> q, s (N/128, K/128)          128 x 128
     gemm: Callable  # (a_q, a_s, b_q, b_s, block, out_dtype) -> A @ B.T
+    act_requant_t: Callable  # (q (T, C), s (T, C/128), block, pow2) -> q_t (C, T), s_t (C, T/128): cached 1 x 128 -> 128 x 1
 
 
 def _has_triton() -> bool:
@@ -140,12 +141,12 @@ def get_ops(backend: str) -> Fp8Ops:
     check_backend(backend)
     if backend == "emulate":
         R = reference
-        return Fp8Ops("emulate", R.act_quant, R.act_quant_t, R.weight_quant, R.gemm)
+        return Fp8Ops("emulate", R.act_quant, R.act_quant_t, R.weight_quant, R.gemm, R.act_requant_t)
     if backend == "triton":
         from moeforge.fp8 import kernels as K
 
-        return Fp8Ops("triton", K.act_quant, K.act_quant_t, K.weight_quant, K.gemm)
+        return Fp8Ops("triton", K.act_quant, K.act_quant_t, K.weight_quant, K.gemm, K.act_requant_t)
     Q = reference
     if _has_triton():
         from moeforge.fp8 import kernels as Q
-    return Fp8Ops("cublas", Q.act_quant, Q.act_quant_t, Q.weight_quant, cublas_gemm)
+    return Fp8Ops("cublas", Q.act_quant, Q.act_quant_t, Q.weight_quant, cublas_gemm, Q.act_requant_t)

@@ -26,6 +26,7 @@ runner on every MoE layer (model.moe.run_experts calls it).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from itertools import accumulate
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 
 from moeforge.fp8 import fused
 from moeforge.fp8 import reference as R
+from moeforge.fp8.cache import Fp8WeightCache
 from moeforge.fp8.config import Fp8Config
 from moeforge.fp8.gemm import Fp8Ops, check_backend, get_ops
 from moeforge.fp8.reference import FP8_DTYPE, cdiv
@@ -389,8 +391,13 @@ def get_grouped_ops(backend: str) -> GroupedOps:
 class GroupedSwiGLUFunction(torch.autograd.Function):
     """ys = w2[g](silu(w1[g] x) * w3[g] x) for the rows of each group g; weights = (*w1s, *w3s, *w2s), G each.
 
-    Saves xs, the padded h1 and h3, and the weights (no copies); the FP8 operands are transient and h is
-    recomputed in backward. A weight of an expert with no rows gets no gradient (None), as in the loop.
+    Saved for backward with cfg.cache_fp8_activations (TR §3.3.3: SwiGLU's inputs cached in FP8, its output
+    recomputed): the padded xs, h1 and h3 as their 1 x 128 E4M3 tiles + FP32 scales (xs's are Fprop's own
+    operand; h1, h3 are quantized once more for the cache). Backward dequantizes h1, h3, recomputes
+    h = silu(h1) * h3 from them, and turns xs's tiles into Wgrad's 128 x 1 tiles (ops.dense.act_requant_t).
+    Without: xs, the padded h1 and h3 in their dtype. Either way the weights (no copies); their FP8 blocks
+    come from ops.weight_quant (GroupedExperts' per-layer cache). A weight of an expert with no rows gets no
+    gradient (None), as in the loop.
     """
 
     @staticmethod
@@ -405,16 +412,28 @@ class GroupedSwiGLUFunction(torch.autograd.Function):
         h3 = ops.gemm(xq, xsc, *w3, layout, bs, dt)
         hq, hs = ops.swiglu_quant(h1, h3, layout, bs, p2)
         y = ops.gemm(hq, hs, *w2, layout, bs, dt)  # (M_pad, D)
-        ctx.save_for_backward(xs, h1, h3, *weights)
+        if cfg.cache_fp8_activations:
+            acts = (xq, xsc, *ops.dense.act_quant(h1, bs, p2), *ops.dense.act_quant(h3, bs, p2))
+        else:
+            acts = (xs, h1, h3)
+        ctx.save_for_backward(*acts, *weights)
+        ctx.n_acts, ctx.x_dtype = len(acts), dt
         ctx.layout, ctx.ops, ctx.cfg = layout, ops, cfg
         return layout.unpad(y)
 
     @staticmethod
     def backward(ctx, dy):
-        xs, h1, h3, *weights = ctx.saved_tensors
-        layout, ops = ctx.layout, ctx.ops
-        G, bs, p2 = len(layout.counts), ctx.cfg.block, ctx.cfg.power_of_2_scales
+        saved = ctx.saved_tensors
+        acts, weights = saved[:ctx.n_acts], saved[ctx.n_acts:]
+        layout, ops, cached = ctx.layout, ctx.ops, ctx.cfg.cache_fp8_activations
+        G, bs, p2, dt = len(layout.counts), ctx.cfg.block, ctx.cfg.power_of_2_scales, ctx.x_dtype
         wsets = [weights[i * G:(i + 1) * G] for i in range(3)]  # w1s, w3s, w2s
+        if cached:  # SwiGLU's inputs back from their FP8 tiles (padding rows: 0 * SCALE_MIN = 0)
+            xq, xsc, h1q, h1s, h3q, h3s = acts
+            h1 = R.dequantize(h1q, h1s, (1, bs), dt)
+            h3 = R.dequantize(h3q, h3s, (1, bs), dt)
+        else:
+            xs, h1, h3 = acts
 
         def dgrad(g_pad, ws, dtype):  # dX = dY @ W[g]: W's blocks read transposed
             wq, wsc = ops.weight_quant(ws, bs, p2)
@@ -430,11 +449,12 @@ class GroupedSwiGLUFunction(torch.autograd.Function):
             dh1, dh3, h = _swiglu_backward(dh, h1, h3)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = layout.unpad(dgrad(dh1, wsets[0], xs.dtype) + dgrad(dh3, wsets[1], xs.dtype))
+            dx = layout.unpad(dgrad(dh1, wsets[0], dt) + dgrad(dh3, wsets[1], dt))
 
         dws = [None] * (3 * G)
         if any(ctx.needs_input_grad[4:]):  # dW[g] = dY[g].T @ X[g], both 128 x 1 along the tokens of g
-            xq_t = ops.permute_quant(xs, layout, bs, p2, True)
+            # the padded buffer's 128-token tiles lie inside one expert, so converting its tiles = per expert
+            xq_t = ops.dense.act_requant_t(xq, xsc, bs, p2) if cached else ops.permute_quant(xs, layout, bs, p2, True)
             dw1 = ops.gemm_wgrad(*ops.dense.act_quant_t(dh1, bs, p2), *xq_t, layout, bs)
             dw3 = ops.gemm_wgrad(*ops.dense.act_quant_t(dh3, bs, p2), *xq_t, layout, bs)
             dw2 = ops.gemm_wgrad(*ops.permute_quant(dy, layout, bs, p2, True), *ops.dense.act_quant_t(h, bs, p2),
@@ -452,12 +472,26 @@ def _is_swiglu_expert(m: nn.Module) -> bool:
 
 
 class GroupedExperts:
-    """One MoE layer's routed experts as one GroupedSwiGLUFunction: `run_grouped(mlps, xs, counts)`."""
+    """One MoE layer's routed experts as one GroupedSwiGLUFunction: `run_grouped(mlps, xs, counts)`.
+
+    With cfg.cache_fp8_weights the layer's stacked FP8 weights (w1s, w3s, w2s: 1 byte per weight + scales)
+    stay in `weight_cache` from the first forward after an optimizer step until a weight changes (keyed on
+    every weight's identity and version), so no micro-batch stacks or quantizes them again, forward or backward.
+    """
 
     def __init__(self, cfg: Fp8Config) -> None:
         self.cfg = cfg
         self.ops = get_grouped_ops(cfg.backend)
         self.align = max(ALIGN, cfg.block)
+        self.weight_cache = Fp8WeightCache() if cfg.cache_fp8_weights else None
+        self._weight_quant = self.ops.weight_quant
+        if self.weight_cache is not None:
+            self.ops = dataclasses.replace(self.ops, weight_quant=self._cached_weight_quant)
+
+    def _cached_weight_quant(self, ws, bs, p2):
+        """ops.weight_quant through the cache: one slot per weight set (w1s, w3s, w2s), checked per call."""
+        return self.weight_cache.get((id(ws[0]), len(ws), bs, p2), tuple(ws),
+                                     lambda: self._weight_quant(ws, bs, p2))
 
     def __call__(self, mlps: list[nn.Module], xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         if len(mlps) != len(counts) or xs.dim() != 2 or xs.size(0) != sum(counts):

@@ -2,6 +2,7 @@
 
   quantize(x, block, power_of_2_scales)  one kernel for 1 x 128, 128 x 1 and 128 x 128 groups
   act_quant / act_quant_t / weight_quant  the three uses of it in Fp8Linear
+  act_requant_t(q, s)                     cached 1 x 128 tiles -> 128 x 1 tiles, transposed (Wgrad's X operand)
   gemm(a_q, a_s, b_q, b_s)               C = A @ B.T, FP8 tl.dot per 128-wide K block, promoted to FP32
 
 Importing this module needs triton; fp8/gemm.py imports it only when the triton backend is chosen.
@@ -132,6 +133,53 @@ def act_quant_t(x, block_size: int = 128, power_of_2_scales: bool = False, *, _q
     s_t = torch.empty(C, cdiv(T, block_size), dtype=torch.float32, device=x.device)
     # element (t, c) of the 128 x 1 tiling goes to q_t[c, t]; scale (tb, c) to s_t[c, tb]
     _launch_quant(x, q_t, s_t, (1, T), (1, s_t.stride(0)), (block_size, 1), power_of_2_scales)
+    return q_t, s_t
+
+
+@triton.jit
+def _requant_t_kernel(
+    q_ptr, s_ptr, qt_ptr, st_ptr, T, C,
+    sqt, sqc, sst, ssc, sqtc, sqtt, sstc, sstt,
+    BLOCK: tl.constexpr, TILE_C: tl.constexpr, POW2: tl.constexpr,
+):
+    # one program: BLOCK tokens x TILE_C channels; x = q * s (fp32, as reference.dequantize), then one
+    # BLOCK x 1 scale per channel and the codes written transposed: q_t[c, t], s_t[c, token tile]
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_t = pid_t * BLOCK + tl.arange(0, BLOCK)
+    offs_c = pid_c * TILE_C + tl.arange(0, TILE_C)
+    mask = (offs_t[:, None] < T) & (offs_c[None, :] < C)
+    q = tl.load(q_ptr + offs_t[:, None] * sqt + offs_c[None, :] * sqc, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + offs_t[:, None] * sst + (offs_c[None, :] // BLOCK) * ssc, mask=mask, other=0.0)
+    x = q * s  # padding: 0 * 0; a NaN/inf tile dequantizes to NaN and poisons its 128 x 1 scales
+    sc = _scale_from_amax(_amax(tl.abs(x), 0), POW2)
+    y = tl.math.div_rn(x, sc[None, :])
+    y = tl.minimum(tl.maximum(y, -448.0, propagate_nan=tl.PropagateNan.ALL), 448.0, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(st_ptr + offs_c * sstc + pid_t * sstt, sc, mask=offs_c < C)
+    tl.store(qt_ptr + offs_c[None, :] * sqtc + offs_t[:, None] * sqtt, y.to(qt_ptr.dtype.element_ty), mask=mask)
+
+
+def act_requant_t(q, s, block_size: int = 128, power_of_2_scales: bool = False, *, _q_dtype=FP8_DTYPE):
+    """Same contract as reference.act_requant_t: 1 x 128 tiles (q (T, C), s (T, C/128)) -> q_t (C, T),
+    s_t (C, T/128), contiguous. One read of the FP8 tiles, one write; no high-precision copy of X."""
+    if q.dim() != 2:
+        raise ValueError(f"act_requant_t needs 2-D (tokens, channels) tiles, got shape {tuple(q.shape)}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"Triton act_requant_t needs a power-of-two block >= 16, got {block_size}")
+    T, C = q.shape
+    if tuple(s.shape) != (T, cdiv(C, block_size)):
+        raise ValueError(f"scales must be {(T, cdiv(C, block_size))} for 1x{block_size} tiles, got {tuple(s.shape)}")
+    q_t = torch.empty(C, T, dtype=_q_dtype, device=q.device)
+    s_t = torch.empty(C, cdiv(T, block_size), dtype=torch.float32, device=q.device)
+    tile_c = 32
+    grid = (cdiv(T, block_size), cdiv(C, tile_c))
+    if grid[0] * grid[1]:
+        _requant_t_kernel[grid](
+            q, s, q_t, s_t, T, C,
+            q.stride(0), q.stride(1), s.stride(0), s.stride(1), q_t.stride(0), q_t.stride(1),
+            s_t.stride(0), s_t.stride(1),
+            BLOCK=block_size, TILE_C=tile_c, POW2=power_of_2_scales, num_warps=4,
+        )
     return q_t, s_t
 
 

@@ -19,6 +19,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite E4M3 value
@@ -80,7 +81,7 @@ def quantize(
     q = (xb / s[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     q = q.reshape(nr * br, nc * bc)  # a view unless x was a strided view itself
     if nr * br != R or nc * bc != C:
-        q = q[:R, :C].contiguous()
+        q = q[:R, :C].clone()  # its own storage: a row slice is contiguous but would keep the padded buffer alive
     if br == 1:
         return q.reshape(*lead, C), s.reshape(*lead, nc)
     return q, s
@@ -90,8 +91,11 @@ _E4M3_TO_F32 = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()  # e
 
 
 def _to_f32(q: torch.Tensor) -> torch.Tensor:
-    """E4M3 -> fp32 (exact). On CPU through a 256-entry table (faster than the scalar cast: docs/fp8.md)."""
-    if q.device.type != "cpu":
+    """E4M3 -> fp32 (exact). On CPU through a 256-entry table (faster than the scalar cast: docs/fp8.md).
+
+    Not for fake tensors (no values to look up): a fake mode would turn the table into a fake of its own,
+    and the next fake mode of the process (the dry run, then the planner's measurement) could not mix it."""
+    if q.device.type != "cpu" or isinstance(q, FakeTensor):
         return q.float()
     return torch.take(_E4M3_TO_F32, q.view(torch.uint8).long())
 
@@ -134,6 +138,22 @@ def act_quant_t(
         raise ValueError(f"act_quant_t needs a 2-D (tokens, channels) tensor, got shape {tuple(x.shape)}")
     q, s = quantize(x, (block_size, 1), power_of_2_scales)
     return q.t(), s.t()
+
+
+def act_requant_t(
+    q: torch.Tensor, s: torch.Tensor, block_size: int = 128, power_of_2_scales: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Wgrad operand from cached 1 x block_size tiles: (q (T, C), s (T, C/128)) -> (q_t (C, T), s_t (C, T/128)).
+
+    Defined as act_quant_t(dequantize(q, s)): the tiles are dequantized in FP32 (q * s, one IEEE product)
+    and requantized block_size x 1 along the tokens. With power-of-2 scales both steps are exact in the
+    exponent, so the 128 x 1 codes hold the very values the 1 x 128 tiles held (no second rounding) except
+    where a value falls below E4M3's smallest normal (2^-6) of its new tile's scale and loses mantissa bits;
+    with arbitrary scales every value is rounded a second time (docs/fp8.md, "FP8 activation caches").
+    """
+    if q.dim() != 2:
+        raise ValueError(f"act_requant_t needs 2-D (tokens, channels) tiles, got shape {tuple(q.shape)}")
+    return act_quant_t(dequantize(q, s, (1, block_size)), block_size, power_of_2_scales)
 
 
 def weight_quant(

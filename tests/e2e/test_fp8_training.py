@@ -19,7 +19,14 @@ that the 137 recipe Linears run their three GEMMs in E4M3. What a 2-core CI can 
   also checked in place: one forward/backward, every Fp8Linear reached by a module call (attention,
   dense and shared-expert FFNs; the routed experts run grouped), its Fprop, Dgrad and Wgrad against
   FP32 products of the same operands: 3.5-3.8% relative error (E4M3 rounding), asserted in [1%, 4.5%].
-  A 2x scale error gives 100%; BF16 passthrough gives < 1%.
+  A 2x scale error gives 100%; BF16 passthrough gives < 1%. Wgrad is asserted < 5.5%: with the FP8
+  activation cache (fp8.cache_fp8_activations, the default) its X operand is Fprop's 1x128 tiles
+  requantized 128x1, i.e. rounded twice without power-of-2 scales (3.6% instead of 2.6% on X, so
+  sqrt(3.6^2 + 2.6^2) = 4.4% expected); measured 2.7-4.47% over the 32 Linears (wo, which keeps its BF16
+  input, is the 2.7%), 2.6-3.7% with the old saving (fp8.cache_fp8_activations=false), 2.9-3.9% with the
+  cache and fp8.power_of_2_scales=true (exact conversion). With the caches on, seed 0 measured the 40-step
+  mean loss -0.37% / +0.28% and the final validation loss +0.35% / +0.50% vs BF16 (two runs 2026-12-02, the
+  BF16 run itself moved between them with other changes to the tree).
 The few-hundred-step measurement (3 seeds x 300 steps, BF16, FP8 and the FP32 floor) is
 bench/fp8_loss.py, with its figures in docs/fp8.md."""
 import logging
@@ -96,6 +103,7 @@ def test_fp8_blockwise_tracks_bf16_on_the_same_data_and_seed(tmp_path, stdlib_da
     worst = {g: max((e[k], n) for n, e in errs.items()) for k, g in enumerate(("fprop", "dgrad", "wgrad"))}
     best = {g: min((e[k], n) for n, e in errs.items()) for k, g in enumerate(("fprop", "dgrad", "wgrad"))}
     print(f"GEMM errors over {len(errs)} Fp8Linears: worst {worst}, best {best}")
-    assert all(e < 0.045 for e, _ in worst.values()) and all(e > 0.01 for e, _ in best.values()), (worst, best)
+    bound = {"fprop": 0.045, "dgrad": 0.045, "wgrad": 0.055}  # Wgrad's X rounded twice (module docstring)
+    assert all(worst[g][0] < bound[g] for g in bound) and all(e > 0.01 for e, _ in best.values()), (worst, best)
     assert curve_fp8 == pytest.approx(curve_bf16, rel=0.005)
     assert v_fp8 == pytest.approx(v_bf16, rel=0.02)

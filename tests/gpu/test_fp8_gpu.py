@@ -74,6 +74,41 @@ def test_triton_quantize_nan_inf():
     assert torch.isnan(qk[1, :128].float()).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("T,C", [(77, 200), (300, 130), (4096, 7168), (2048, 1536)])
+def test_triton_requant_t_bitwise(T, C, pow2, dtype):
+    """The cached-activation conversion (1 x 128 tiles -> 128 x 1, transposed) with real fp8 casts."""
+    ops = _need("triton")
+    x = _randn(T, C, dtype=dtype)
+    x[:, :5] *= 1e-3  # channels whose 128 x 1 scales differ from their tokens' 1 x 128 ones
+    q, s = R.act_quant(x, 128, pow2)
+    qt, st = ops.act_requant_t(q, s, 128, pow2)
+    qr, sr = R.act_requant_t(q, s, 128, pow2)
+    assert qt.is_contiguous() and qt.shape == (C, T) and st.shape == (C, -(-T // 128))
+    assert torch.equal(st, sr.contiguous())
+    assert torch.equal(qt.view(torch.uint8), qr.contiguous().view(torch.uint8))
+    if pow2:  # no second rounding: the converted tiles hold the cached values (normal range of the new tile)
+        d1 = R.dequantize(q, s, (1, 128))
+        d2 = R.dequantize(qt.t(), st.t(), (128, 1))
+        normal = d1.abs() >= 2.0 ** -6 * st.t().repeat_interleave(128, 0)[:T]
+        assert torch.equal(d1[normal], d2[normal])
+
+
+def test_triton_requant_t_nan_inf():
+    ops = _need("triton")
+    x = _randn(300, 384)
+    x[1, 5], x[2, 300] = float("nan"), float("inf")
+    q, s = R.act_quant(x)
+    qt, st = ops.act_requant_t(q, s)
+    _, sr = R.act_requant_t(q, s)
+    assert torch.equal(torch.isnan(st), torch.isnan(sr)) and torch.equal(st[~torch.isnan(st)], sr[~torch.isnan(sr)])
+    # the NaN tile (token 1, channels 0-127) and the inf tile (token 2, channels 256-383: q * inf) poison the
+    # 128 x 1 scales of their channels in tokens 0-127; channels 128-255 and later tokens stay finite
+    assert torch.isnan(st[:128, 0]).all() and torch.isnan(st[256:, 0]).all()
+    assert torch.isfinite(st[128:256, 0]).all() and torch.isfinite(st[:, 1:]).all()
+
+
 def _gemm_cases(M, K, N, seed=0):
     a, b, dy = _randn(M, K, seed=seed), _randn(N, K, seed=seed + 1), _randn(M, N, seed=seed + 2)
     aq, as_ = R.act_quant(a)
@@ -108,15 +143,18 @@ def test_gemm_nan_propagates(backend):
     assert bad.nonzero().flatten().tolist() == [3, 7] and torch.isfinite(c[~bad]).all()
 
 
+@pytest.mark.parametrize("cached", [True, False])
 @pytest.mark.parametrize("backend", ["triton", "cublas"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fp8_linear_matches_emulate(backend, dtype):
+def test_fp8_linear_matches_emulate(backend, dtype, cached):
+    """cached: X saved as FP8 tiles and converted for Wgrad (act_requant_t), W from the weight cache."""
     _need(backend)
     torch.manual_seed(0)
     lin = torch.nn.Linear(1024, 768, bias=False, device=DEV, dtype=dtype)
     torch.nn.init.normal_(lin.weight)
-    ref = Fp8Linear.from_linear(copy.deepcopy(lin), Fp8Config(enabled=True, backend="emulate"))
-    f = Fp8Linear.from_linear(copy.deepcopy(lin), Fp8Config(enabled=True, backend=backend))
+    kw = dict(cache_fp8_activations=cached, cache_fp8_weights=cached)
+    ref = Fp8Linear.from_linear(copy.deepcopy(lin), Fp8Config(enabled=True, backend="emulate", **kw))
+    f = Fp8Linear.from_linear(copy.deepcopy(lin), Fp8Config(enabled=True, backend=backend, **kw))
     x = _randn(2, 300, 1024, dtype=dtype)
     dy = _randn(2, 300, 768, dtype=dtype, seed=5)
     grads = []
@@ -128,6 +166,23 @@ def test_fp8_linear_matches_emulate(backend, dtype):
     tol = GEMM_TOL + (2.0**-7 if dtype == torch.bfloat16 else 0)
     for name, g_ref, g in zip(("Y", "dX", "dW"), grads[0], grads[1]):
         assert g.dtype == dtype and rel(g, g_ref) < tol, (name, rel(g, g_ref))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cublas"])
+def test_fp8_linear_weight_cache_on_gpu(backend):
+    """Micro-batches share W's FP8 copy until an in-place update; a step re-quantizes (same bits as fresh)."""
+    _need(backend)
+    torch.manual_seed(0)
+    f = Fp8Linear(512, 256, bias=False, device=DEV, config=Fp8Config(enabled=True, backend=backend))
+    x = _randn(64, 512)
+    y0 = f(x)
+    (wq, _), = [v for _, _, v in f.weight_cache._entries.values()]
+    assert torch.equal(f(x), y0) and [v for _, _, v in f.weight_cache._entries.values()][0][0] is wq
+    with torch.no_grad():
+        f.weight.mul_(-1)
+    y1 = f(x)
+    assert torch.equal(y1, -y0)  # E4M3 and the block scales are symmetric: a fresh copy, not the stale one
+    assert f.weight_cache.nbytes() == 512 * 256 + 4 * 2 * 4
 
 
 @pytest.mark.parametrize("backend", ["triton", "cublas"])
