@@ -55,6 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moeforge.model.combine import weighted_sum_rows
 from moeforge.model.host import routing_counts
 from moeforge.model.moe import run_experts
 
@@ -211,8 +212,7 @@ class AllToAllDispatcher:
         row, slot = group_by_expert(ctx.expert_ids_RK, lo, hi, sum(counts))
         xs = x_RD[row]  # [M, D] copies grouped by local expert; stays linked to x_RD even when M = 0
         ys = run_experts(experts, xs, counts, first=lo)
-        ys = ys * ctx.weights_RK.flatten()[slot].unsqueeze(-1).to(ys.dtype)
-        return torch.zeros_like(x_RD).index_add_(0, row, ys)
+        return weighted_sum_rows(ys, ctx.weights_RK.flatten()[slot], row, x_RD)  # keeps ys, not ys x weights
 
     def combine_async(self, y_RD: torch.Tensor, ctx: EPContext) -> Handle:
         """Start returning the expert outputs to the tokens' ranks; `.wait()` -> y_ND (summed over experts)."""

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
+from .recompute import maybe_region
 
 
 # The RMSNorms after the low-rank compressions of q and kv use eps 1e-6 whatever model.norm_eps says, as
@@ -22,12 +23,17 @@ LATENT_NORM_EPS = 1e-6
 
 
 class RMSNorm(nn.Module):
+    recompute = "none"  # model/recompute.py: "selective" recomputes the output (and its FP32 copy) in backward
+
     def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return maybe_region(self.recompute == "selective", self._norm, x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 whatever the parameter dtype, as DeepSeek-V3 does.
         return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
 
@@ -63,6 +69,10 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 
 class MLA(nn.Module):
+    # model/recompute.py: "selective" recomputes the up-projections (q_norm, wq_b; kv_norm, wkv_b) and the
+    # rope/cat that make q, k, v from them in backward, from the compressed latents (TR §3.2.3)
+    recompute = "none"
+
     def __init__(self, args: ModelArgs, device=None, dtype=None):
         super().__init__()
         kw = dict(bias=False, device=device, dtype=dtype)
@@ -88,24 +98,35 @@ class MLA(nn.Module):
     def forward(self, x_BTD: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         H = self.n_heads
+        up = self.recompute == "selective"
         if self.q_lora_rank == 0:
-            q = self.wq(x_BTD)
+            q = self.q_rope(self.wq(x_BTD), angles[:T])
         else:
-            q = self.wq_b(self.q_norm(self.wq_a(x_BTD)))
-        q = q.view(B, T, H, self.qk_head_dim)
-        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_pe = apply_rope(q_pe, angles[:T])
-
-        kv = self.wkv_a(x_BTD)
-        kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        k_pe = apply_rope(k_pe.unsqueeze(2), angles[:T])  # [B, T, 1, R]: one rope key shared by all heads
-        kv = self.wkv_b(self.kv_norm(kv)).view(B, T, H, self.qk_nope_head_dim + self.v_head_dim)
-        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-
-        q = torch.cat([q_nope, q_pe], dim=-1)
-        k = torch.cat([k_nope, k_pe.expand(-1, -1, H, -1)], dim=-1)
+            q = maybe_region(up, self.q_up, self.wq_a(x_BTD), angles[:T])  # c_q [B, T, q_lora] kept
+        k, v = maybe_region(up, self.kv_up, self.wkv_a(x_BTD), angles[:T])  # [c_kv; k_pe] kept
         # Attention core stays in high precision: softmax(q k^T * scale) v, causal.
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
         )  # [B, H, T, v_head_dim]
         return self.wo(o.transpose(1, 2).reshape(B, T, H * self.v_head_dim))
+
+    def q_up(self, c_q: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        """Compressed query [B, T, q_lora] -> q [B, T, H, qk_head_dim] (up-projection, rope on its rope part)."""
+        return self.q_rope(self.wq_b(self.q_norm(c_q)), angles)
+
+    def q_rope(self, q: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        B, T, _ = q.shape
+        q = q.view(B, T, self.n_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        return torch.cat([q_nope, apply_rope(q_pe, angles)], dim=-1)
+
+    def kv_up(self, kv: torch.Tensor, angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """wkv_a's output [B, T, kv_lora + R] -> k [B, T, H, qk_head_dim], v [B, T, H, v_head_dim]."""
+        B, T, _ = kv.shape
+        H = self.n_heads
+        kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(2), angles)  # [B, T, 1, R]: one rope key shared by all heads
+        kv = self.wkv_b(self.kv_norm(kv)).view(B, T, H, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, H, -1)], dim=-1)
+        return k, v

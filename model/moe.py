@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
+from .combine import weighted_sum_rows
 from .host import even_split, routing_counts
+from .recompute import host_read, is_recomputing, maybe_region
 from .routing import route
 
 
@@ -34,8 +36,14 @@ class MLP(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def _to_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float()
+
+
 class Gate(nn.Module):
     """Router: a linear to fp32 logits, then model.routing.route (sigmoid, group-limited top-k, bias)."""
+
+    recompute = "none"  # model/recompute.py: "selective" recomputes the FP32 copy of the input in backward
 
     def __init__(self, args: ModelArgs, device=None, dtype=None):
         super().__init__()
@@ -46,7 +54,8 @@ class Gate(nn.Module):
 
     def forward(self, x_ND: torch.Tensor):
         """Returns (weights [N, K] fp32, indices [N, K], scores [N, E] fp32 raw affinities)."""
-        return route(F.linear(x_ND.float(), self.weight.float()), self.bias, self.args)
+        x32 = maybe_region(self.recompute == "selective", _to_float, x_ND)  # the normed tokens, FP32
+        return route(F.linear(x32, self.weight.float()), self.bias, self.args)
 
 
 def sequence_balance_loss(scores_BTE: torch.Tensor, indices_BTK: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -125,11 +134,11 @@ class LocalDispatcher:
         flat = indices_NK.flatten()
         order = flat.argsort(stable=True)  # token copies grouped by expert
         token_of = order // K
-        counts = routing_counts(expert_counts(flat, E), lambda: even_split(N * K, E))
+        # a checkpointed block's recompute replays the forward's counts (model/recompute.py): no second read
+        counts = host_read(lambda: routing_counts(expert_counts(flat, E), lambda: even_split(N * K, E)))
         xs = x_ND[token_of]  # [N·K, D] sorted by expert
         ys = run_experts(experts, xs, counts)
-        ys = ys * weights_NK.flatten()[order].unsqueeze(-1).to(ys.dtype)
-        return torch.zeros_like(x_ND).index_add_(0, token_of, ys)
+        return weighted_sum_rows(ys, weights_NK.flatten()[order], token_of, x_ND)
 
 
 class MoE(nn.Module):
@@ -163,12 +172,15 @@ class MoE(nn.Module):
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         weights, indices, scores = self.gate(x_ND)
-        with torch.no_grad():
-            self.tokens_per_expert += expert_counts(indices, self.n_routed_experts, self.tokens_per_expert.dtype)
+        again = is_recomputing()  # backward re-running a checkpointed block: counted in its forward already
+        if not again:
+            with torch.no_grad():
+                self.tokens_per_expert += expert_counts(indices, self.n_routed_experts, self.tokens_per_expert.dtype)
         aux = None
         if self.training and self.aux_alpha > 0 and torch.is_grad_enabled():
             aux = sequence_balance_loss(scores.view(B, T, -1), indices.view(B, T, -1), self.aux_alpha)
-            self.last_aux_loss = aux.detach()
+            if not again:
+                self.last_aux_loss = aux.detach()
         return x_ND, weights, indices, aux
 
     def shared(self, x_ND: torch.Tensor) -> torch.Tensor | None:

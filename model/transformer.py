@@ -15,11 +15,14 @@ from torch import nn
 from .args import ModelArgs
 from .mla import MLA, RMSNorm, yarn_freqs
 from .moe import MLP, MoE
+from .recompute import region, scope
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class Block(nn.Module):
+    recompute = "none"  # model/recompute.py: selective (norms, MLA up-projections) | full (the whole block)
+
     def __init__(self, layer_id: int, args: ModelArgs, device=None, dtype=None):
         super().__init__()
         self.layer_id = layer_id
@@ -29,6 +32,12 @@ class Block(nn.Module):
         self.ffn = MoE(args, device, dtype) if args.is_moe_layer(layer_id) else MLP(args.dim, args.inter_dim, device, dtype)
 
     def forward(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        if self.recompute == "full":  # activation checkpointing: only x is kept, the rest recomputed
+            return region(self._forward, x, angles, register_outputs=False)
+        with scope(self.recompute == "selective"):
+            return self._forward(x, angles)
+
+    def _forward(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
         h = self.attention(x, angles)
         return h + self.ffn(self.ffn_norm(h))
 
@@ -39,6 +48,8 @@ class Block(nn.Module):
 
 class MTPModule(nn.Module):
     """Depth-k MTP: h'_i = Block(W [RMSNorm(h^{k-1}_i); RMSNorm(Emb(t_{i+k}))]); logits from the shared head."""
+
+    recompute = "none"  # model/recompute.py: selective recomputes [hnorm(h); enorm(e)] in backward
 
     def __init__(self, layer_id: int, args: ModelArgs, device=None, dtype=None):
         super().__init__()
@@ -53,10 +64,18 @@ class MTPModule(nn.Module):
 
     def project(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> torch.Tensor:
         """The block's input: W [RMSNorm(h^{k-1}_i); RMSNorm(Emb(t_{i+k}))]."""
-        return self.eh_proj(torch.cat([self.hnorm(h_prev), self.enorm(emb_next)], dim=-1))
+        if self.recompute != "selective":
+            return self.eh_proj(self._normed(h_prev, emb_next))
+        with scope():  # the concatenated norms (what eh_proj saves) are recomputed from h and the embedding
+            return self.eh_proj(region(self._normed, h_prev, emb_next))
+
+    def _normed(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.hnorm(h_prev), self.enorm(emb_next)], dim=-1)
 
 
 class Transformer(nn.Module):
+    recompute = "none"
+
     def __init__(self, args: ModelArgs, device: torch.device | str | None = None):
         super().__init__()
         self.args = args
@@ -75,17 +94,18 @@ class Transformer(nn.Module):
 
         Returns (logits [B, T, V], [mtp logits [B, T, V] for k = 1..D]).
         """
-        h = self.embed(tokens_BT)
-        for layer in self.layers.values():
-            h = layer(h, self.angles)
-        logits = self.head(self.norm(h))
-        mtp_logits = []
-        for k, module in enumerate(self.mtp.values()):
-            if mtp_tokens is None:
-                break
-            h = module(h, self.embed(mtp_tokens[k]), self.angles)
-            mtp_logits.append(self.head(module.norm(h)))
-        return logits, mtp_logits
+        with scope(self.recompute == "selective"):  # the final norms' outputs, saved by the head
+            h = self.embed(tokens_BT)
+            for layer in self.layers.values():
+                h = layer(h, self.angles)
+            logits = self.head(self.norm(h))
+            mtp_logits = []
+            for k, module in enumerate(self.mtp.values()):
+                if mtp_tokens is None:
+                    break
+                h = module(h, self.embed(mtp_tokens[k]), self.angles)
+                mtp_logits.append(self.head(module.norm(h)))
+            return logits, mtp_logits
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
