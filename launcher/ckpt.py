@@ -3,6 +3,7 @@ Hugging Face DeepSeek-V3 layout (train/hf_export.py). Single process; no process
 
     moeforge ckpt inspect outputs/tiny/checkpoints            # every step_*: step, layout, size, whole or why not
     moeforge ckpt export outputs/tiny/checkpoints --hf hf_out  # newest whole checkpoint -> config.json + safetensors
+    moeforge ckpt export outputs/tiny/checkpoints --hf hf_ema --ema   # its EMA weights (train.ema_decay > 0)
     moeforge ckpt import hf_out --out imported/checkpoints     # -> imported/checkpoints/step_00000000 (weights only)
     moeforge train checkpoint.resume=imported/checkpoints/step_00000000 ...   # continue from it
 """
@@ -43,6 +44,7 @@ def describe(path: Path) -> dict:
         info["model_tensors"] = len(model)
         info["model_params"] = sum(int(_numel(shape)) for k, (shape, _) in model.items() if not k.endswith("gate.bias"))
         info["optimizer_pieces"] = sum(1 for k in index if k.startswith("optim.exp_avg."))
+        info["ema_tensors"] = sum(1 for k in index if k.startswith("ema."))  # train.ema_decay > 0
     return info
 
 
@@ -80,7 +82,8 @@ def _inspect(args) -> int:
             print(f"  tokens seen {i['tokens_seen']:,}   created {i.get('created')}   contents {i.get('contents')}")
         if "model_params" in i:
             print(f"  model       {i.get('model')!r}: {i['model_params']:,} parameters in {i['model_tensors']} "
-                  f"tensors; {i['optimizer_pieces']} optimizer pieces")
+                  f"tensors; {i['optimizer_pieces']} optimizer pieces"
+                  + (f"; EMA of {i['ema_tensors']} parameters" if i.get("ema_tensors") else ""))
         if i.get("code"):
             c = i["code"]
             print(f"  code        moeforge {c.get('moeforge')} git {str(c.get('git_commit'))[:12]} "
@@ -91,7 +94,7 @@ def _inspect(args) -> int:
 def _export(args) -> int:
     from moeforge.train.hf_export import export_hf
 
-    export_hf(args.path, args.hf, dtype=args.dtype, shard_bytes=int(args.shard_gib * (1 << 30)))
+    export_hf(args.path, args.hf, dtype=args.dtype, shard_bytes=int(args.shard_gib * (1 << 30)), ema=args.ema)
     return 0
 
 
@@ -116,6 +119,8 @@ def add_ckpt_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="weights dtype (the MoE correction bias stays float32); auto: as trained")
     e.add_argument("--shard-gib", type=float, default=5.0, help="largest safetensors file (default 5 GiB)")
+    e.add_argument("--ema", action="store_true",
+                   help="export the EMA of the parameters (saved when train.ema_decay > 0) instead of the live weights")
     e.set_defaults(fn=_export)
     m = sub.add_parser("import", help="read a Hugging Face DeepSeek-V3 folder into a weights-only checkpoint")
     m.add_argument("hf_dir")

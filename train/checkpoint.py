@@ -16,6 +16,8 @@ Logical keys (every key names the same thing under every layout):
     optim.exp_avg.<fqn>[a:b]             AdamW moments of elements [a, b) of the flattened parameter:
     optim.exp_avg_sq.<fqn>[a:b]          the ZeRO-1 shard a rank owns, under a name no other rank uses
     optim.master.<fqn>[a:b]              FP32 master weights where the parameter itself is not FP32
+    ema.<fqn>                            FP32 EMA of the parameter model.<fqn> (train.ema_decay > 0,
+                                         train/ema.py), written by the ranks that write model.<fqn>
     optim.step, train.step, train.tokens_seen, train.consumed_samples    int64 scalars
     rng.cpu.rank00003, rng.cuda.rank00003        each rank's torch RNG state
 
@@ -461,6 +463,12 @@ def optimizer_state(optimizer) -> dict[str, torch.Tensor]:
     return out
 
 
+def ema_state(ema: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`ema.<fqn>` keys of the EMA tensors (fqn -> FP32) whose parameter this rank writes in `state`
+    (model_state's share): the EMA is spread over the replicas exactly as the model is."""
+    return {f"ema.{n}": t for n, t in ema.items() if f"model.{n}" in state}
+
+
 def rng_state(rank: int) -> dict[str, torch.Tensor]:
     out = {f"rng.cpu.rank{rank:05d}": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -469,9 +477,10 @@ def rng_state(rank: int) -> dict[str, torch.Tensor]:
 
 
 def load_trainer_state(path: Path, model: torch.nn.Module, optimizer, rank: int, world: int, group=None,
-                       log: Callable[[str], None] = print) -> dict:
+                       log: Callable[[str], None] = print, ema: dict[str, torch.Tensor] | None = None) -> dict:
     """Collective: load model, optimizer and this rank's RNG from the whole checkpoint at `path`, whatever
-    layout saved it. Returns {"step", "tokens_seen", "consumed_samples" (None if not saved), "manifest"}."""
+    layout saved it; `ema` (fqn -> FP32 tensor, filled in place) when the run keeps an EMA. Returns
+    {"step", "tokens_seen", "consumed_samples" (None if not saved), "manifest", "ema" (loaded or not)}."""
     manifest = read_manifest(path)
     index = saved_tensors(path)
     want: dict[str, torch.Tensor] = {}
@@ -492,6 +501,17 @@ def load_trainer_state(path: Path, model: torch.nn.Module, optimizer, rank: int,
     for key in ("train.step", "train.tokens_seen", "train.consumed_samples"):
         if key in index:
             want[key] = torch.zeros((), dtype=torch.int64)
+    saved_ema = [k for k in index if k.startswith("ema.")]
+    if ema is not None and saved_ema:  # all of this rank's EMA or none of it (then: from the parameters)
+        missing = [n for n in ema if f"ema.{n}" not in index]
+        wrong = [f"{n}: saved {index[f'ema.{n}'][0]}, here {tuple(t.shape)}" for n, t in ema.items()
+                 if f"ema.{n}" in index and index[f"ema.{n}"][0] != tuple(t.shape)]
+        if missing or wrong:
+            raise ValueError(f"checkpoint {path}: its EMA does not fit this model: missing {missing[:5]} "
+                             f"({len(missing)}), shape mismatch {wrong[:5]}")
+        want.update({f"ema.{n}": t for n, t in ema.items()})  # filled in place (FP32 host tensors)
+    elif ema is None and saved_ema:
+        log(f"checkpoint: {path} holds an EMA of the parameters; train.ema_decay=0, so it is not loaded")
     has_optim = "optim.step" in index
     pieces: list[tuple[str, str, int, int]] = []  # (kind, name, a, b) of saved pieces this rank needs
     if has_optim:
@@ -526,7 +546,8 @@ def load_trainer_state(path: Path, model: torch.nn.Module, optimizer, rank: int,
             f"no random numbers from them (data and init use their own seeded generators)")
     consumed = want.get("train.consumed_samples")
     return {"step": int(want.get("train.step", 0)), "tokens_seen": int(want.get("train.tokens_seen", 0)),
-            "consumed_samples": None if consumed is None else int(consumed), "manifest": manifest}
+            "consumed_samples": None if consumed is None else int(consumed), "manifest": manifest,
+            "ema": ema is not None and bool(saved_ema)}
 
 
 def _load_optimizer(optimizer, want: dict, pieces: list[tuple[str, str, int, int]]) -> None:

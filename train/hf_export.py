@@ -29,6 +29,11 @@ its logits with ours.
 
 The files are written and read with the `safetensors` package. Export streams: one output shard of
 tensors is read from the DCP checkpoint at a time.
+
+`ema=True` (`moeforge ckpt export --ema`) writes the checkpoint's EMA of the parameters (`ema.<fqn>`,
+train.ema_decay > 0: train/ema.py) in place of the live ones; the MoE correction biases, buffers with
+no EMA, come from the live model. dtype "auto" is the model's parameter dtype (the EMA is kept in FP32:
+`--dtype float32` keeps all of it).
 """
 from __future__ import annotations
 
@@ -241,8 +246,9 @@ def resolve_checkpoint(path: str | Path, log=print) -> Path:
 
 
 def export_hf(path: str | Path, out_dir: str | Path, dtype: str = "auto", shard_bytes: int = 5 << 30,
-              log=print) -> dict:
-    """Write config.json + model*.safetensors (+ index when sharded) for the whole checkpoint at path."""
+              log=print, ema: bool = False) -> dict:
+    """Write config.json + model*.safetensors (+ index when sharded) for the whole checkpoint at path;
+    ema: its EMA weights instead of the live ones (ValueError when it holds none)."""
     path, out = resolve_checkpoint(path, log), Path(out_dir)
     why = ckpt.verify(path)
     if why is not None:
@@ -253,7 +259,15 @@ def export_hf(path: str | Path, out_dir: str | Path, dtype: str = "auto", shard_
     if dtype != "auto":  # the exported weights are the model now
         args = ModelArgs(**{**asdict(args), "dtype": dtype})
     config = hf_config(args, getattr(torch, args.dtype))  # first: it refuses what HF cannot compute
-    index = {k[len("model."):]: v for k, v in ckpt.saved_tensors(path).items() if k.startswith("model.")}
+    saved = ckpt.saved_tensors(path)
+    index = {k[len("model."):]: v for k, v in saved.items() if k.startswith("model.")}
+    source = {k: f"model.{k}" for k in index}  # our key -> the checkpoint key its values are read from
+    if ema:
+        has = {k: f"ema.{k}" for k in index if f"ema.{k}" in saved}
+        if not has:
+            raise ValueError(f"ckpt export --ema: checkpoint {path} holds no EMA of the parameters (saved with "
+                             "train.ema_decay=0, or imported); export its live weights without --ema")
+        source.update(has)
     target = None if dtype == "auto" else getattr(torch, dtype)
     plan: list[tuple[str, str]] = []  # (hf name, our key), in a stable order
     for key in sorted(index):
@@ -280,9 +294,9 @@ def export_hf(path: str | Path, out_dir: str | Path, dtype: str = "auto", shard_
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map, total = {}, 0
     for fname, shard in zip(names, shards):
-        tensors = ckpt.read_tensors(path, sorted({f"model.{k}" for _, k in shard}), verify_first=False)
+        tensors = ckpt.read_tensors(path, sorted({source[k] for _, k in shard}), verify_first=False)
         # save_file refuses tensors that share memory: the MTP layers' embedding/head get their own copy
-        part = {hf: tensors[f"model.{key}"].to(out_dtype(hf, key), copy=hf in copies) for hf, key in shard}
+        part = {hf: tensors[source[key]].to(out_dtype(hf, key), copy=hf in copies) for hf, key in shard}
         save_file(part, out / fname, metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in part.values())
         weight_map.update({hf: fname for hf in part})
@@ -291,9 +305,12 @@ def export_hf(path: str | Path, out_dir: str | Path, dtype: str = "auto", shard_
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=1))
     config["moeforge_checkpoint"] = {"step": manifest.get("step"), "tokens_seen": manifest.get("tokens_seen"),
-                                     "code": manifest.get("code")}
+                                     "code": manifest.get("code"), "weights": "ema" if ema else "live"}
+    if ema:
+        config["moeforge_checkpoint"]["ema_decay"] = ((manifest.get("config") or {}).get("train") or {}).get("ema_decay")
     (out / "config.json").write_text(json.dumps(config, indent=1))
-    log(f"ckpt export: {path} (step {manifest.get('step')}) -> {out}: {len(weight_map)} tensors, "
+    log(f"ckpt export: {path} (step {manifest.get('step')}{', EMA weights' if ema else ''}) -> {out}: "
+        f"{len(weight_map)} tensors, "
         f"{total / 2**20:.1f} MiB in {len(names)} file(s)")
     return {"files": names, "tensors": len(weight_map), "bytes": total}
 
