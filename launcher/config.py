@@ -56,6 +56,12 @@ def to_job_config(cfg) -> JobConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    if "cluster" in cfg:  # an experiment's cluster section is the planner's and the dry run's (launcher/plan.py)
+        from omegaconf import open_dict
+
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            del cfg["cluster"]
     try:
         schema = OmegaConf.structured(JobConfig)
         _writable(schema)  # frozen dataclasses make read-only nodes; the merge only needs to write values

@@ -41,11 +41,9 @@ def check(args):
     layout (train.build.check_layout). -> (cfg, cluster, world, procs per node); ValueError/ConfigError."""
     from moeforge.train.build import check_layout
 
-    from .config import load_job_config
-    from .plan import load_cluster, split_overrides
+    from .plan import load_job_and_cluster
 
-    job, cl = split_overrides(args.overrides)
-    cfg, cluster = load_job_config(job), load_cluster(cl)
+    cfg, cluster, _ = load_job_and_cluster(args.overrides)
     world = args.world_size or cluster.world
     per_node = min(world, cluster.gpus_per_node)
     if not 0 <= args.rank < world:

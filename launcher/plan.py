@@ -6,28 +6,33 @@
 Overrides are the job's own (model=, train.*, parallel.*, fp8=), composed by launcher.config as for a
 run, plus cluster.* (gpu, nodes, gpus_per_node and any field of conf/cluster/<gpu>.yaml), split off here.
 train.seq_len, train.micro_batch_size and train.global_batch_size default to model.max_seq_len, 1 and TR
-§4.2's 15360 sequences when not given. Nothing is built: every number comes from one of
+§4.2's 15360 sequences when not given. No process starts; every number comes from one of
   - model/flops.py: parameters, FLOPs per token and per module (the one place of that arithmetic);
   - model/stages.py stage_layers: which modules each pipeline stage holds (model/split.py's, the runtime's split);
   - dualpipe/schedule.py + simulate.py: the action lists, their makespan and bubble (simulate with
     check=False: the generators' lists pass its checks; tests/unit/test_plan_speed.py), the chunks and
     activation bytes in flight (live_peaks);
   - comm/layout.py: the dispatcher's own send plans, flat or two-hop;
-  - conf/cluster/*.yaml: memory, peak FLOP rates, link bandwidths, an efficiency factor.
+  - conf/cluster/*.yaml: memory, link and HBM bandwidths, and published throughput tables (every figure cited);
+  - launcher/plan_costs.py: each unit's GEMMs, attention FLOPs and memory-bound bytes, counted from the real
+    modules on fake tensors, forward, B and W apart, and the recompute policy's forward;
+  - train/activations.py: the bytes per token each unit keeps for its backward, measured the same way;
+  - parallel/zero.py: ZeRO-1's memory per rank and data-parallel bytes per step.
 
-The model, explicitly (docs/plan.md has the same with the reasons):
-  time    a chunk (one micro-batch through one stage) costs FLOPs / (peak x efficiency): FP8 GEMMs at the
-          FP8 peak when fp8 is on, the head, gate and attention core at the BF16 peak. F = forward;
-          B (input grad) = the matmuls again + 2x the attention core; W (weight grad) = the matmuls again.
-          EP all-to-all per MoE layer = max(inter-node bytes / IB, intra-node bytes / NVLink); it adds to
-          F and B, except in DualPipe's overlapped F&B, priced max(F+B+W compute, both directions' EP).
-          A rank's chunk costs the mean of the stages it holds (DualPipe: two), every chunk is priced as
-          the slowest rank's, and p2p between stages = hidden state / link.
-          step = the simulator's makespan + the ZeRO-1 reduce-scatter/all-gather over dp and edp (exposed).
-  memory  per rank, the stages it holds (DualPipe: two, so 2x parameters): BF16 weights, FP32 grads,
-          FP32 master weights (ZeRO-1 shards them with the moments; --master-weights full keeps them
-          whole, as parallel/zero.py does today), AdamW moments (train.moment_dtype) over dp (dense) and
-          edp (experts); plus the activations of the chunks in flight (activation_bytes_per_token).
+The model, explicitly (docs/plan.md has the same with the sources):
+  time    a chunk (one micro-batch through one stage) costs the sum of its units' terms: FP8 GEMMs at
+          DeepGEMM's published H800 throughput for the nearest published shape, BF16 GEMMs at cuBLAS's, the
+          attention core at FlashAttention-3's, memory-bound kernels at the achieved HBM bandwidth; B gets
+          the recompute policy's forward. cluster.efficiency (a user override, off by default) prices GEMMs
+          and attention at peak x efficiency instead. EP all-to-all per MoE layer = max(inter-node bytes / IB,
+          intra-node bytes / NVLink); it adds to F and B, except in DualPipe's overlapped F&B, priced
+          max(F+B+W compute, both directions' EP). A rank's chunk costs the mean of the stages it holds
+          (DualPipe: two), every chunk is priced as the slowest rank's, and p2p between stages = hidden
+          state / link. step = the simulator's makespan + ZeRO-1 reduce-scatter/all-gather (exposed) + the
+          optimizer step and the FP8 weight-cache refresh at HBM bandwidth.
+  memory  per rank, the stages it holds (DualPipe: two): ZeRO-1's weights, FP32 grads, masters and moments
+          (parallel.zero.memory_per_rank), FP8 weight caches, the activations of the chunks in flight, the EP
+          receive buffers of the MoE layers in flight; the EMA in host memory, printed apart.
   EP      uniform routing: i.i.d. N(0, 1) router logits through model.routing.route (Gate's routing, bias
           0), a seeded Monte Carlo of 8192 tokens; `ep_bytes_for_routing` turns routing into the bytes each
           rank's comm.counters.ByteCounters records (tests/dist/test_plan_bytes.py checks it against a real run).
@@ -39,6 +44,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from importlib import resources
 
@@ -52,24 +58,37 @@ GiB = 2.0 ** 30
 # ---- hardware ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Cluster:
+    """A GPU profile (conf/cluster/<gpu>.yaml, every figure cited there). Throughputs are published
+    measurements, not fitted: FP8 GEMMs per shape (DeepGEMM's tables), BF16 GEMMs (cuBLAS), the attention core
+    (FlashAttention-3), memory-bound kernels at the achieved HBM bandwidth."""
     name: str
     nodes: int = 1
     gpus_per_node: int = 8
     memory_gib: float = 80.0
     reserved_gib: float = 4.0
-    bf16_tflops: float = 989.4
+    bf16_tflops: float = 989.4  # dense peaks: MFU's denominators
     fp8_tflops: float = 1978.9
     nvlink_gbps: float = 160.0
     ib_gbps: float = 50.0
-    efficiency: float = 0.6
+    hbm_gbps: float = 3000.0  # achieved HBM bandwidth of a memory-bound kernel
+    bf16_gemm_tflops: float = 789.0  # cuBLAS BF16 GEMM
+    fp8_gemm: tuple = ()  # (M, N, K, TFLOP/s): dense FP8 GEMMs
+    fp8_grouped_gemm: tuple = ()  # (groups, M per group, N, K, TFLOP/s): m-grouped contiguous FP8 GEMMs
+    attn_fwd: tuple = ()  # (head dim, seq len, TFLOP/s): causal attention forward, BF16
+    attn_bwd: tuple = ()  # (head dim, seq len, TFLOP/s): attention backward, BF16
+    efficiency: float | None = None  # a user override: GEMMs and attention at peak x this (no default)
 
     @property
     def world(self) -> int:
         return self.nodes * self.gpus_per_node
 
 
+_TABLES = ("fp8_gemm", "fp8_grouped_gemm", "attn_fwd", "attn_bwd")
+
+
 def load_cluster(values: dict[str, str]) -> Cluster:
-    """conf/cluster/<gpu>.yaml with cluster.<key>=value overrides (values as strings, typed by the field)."""
+    """conf/cluster/<gpu>.yaml with cluster.<key>=value overrides (values as strings, typed by the field;
+    the tables are the profile's own, not overridable; cluster.efficiency=null turns the override off)."""
     import yaml
 
     values = dict(values)
@@ -81,16 +100,32 @@ def load_cluster(values: dict[str, str]) -> Cluster:
         raise ValueError(f"cluster.gpu={gpu!r}: no profile; choose one of {names}")
     base = yaml.safe_load(path.read_text())
     types = {f.name: f.type for f in fields(Cluster)}
+    for k in base:
+        if k not in types:
+            raise ValueError(f"conf/cluster/{gpu}.yaml: unknown key {k!r}; known: {sorted(types)}")
+    for k in _TABLES:
+        base[k] = tuple(tuple(row) for row in base.get(k) or ())
+        if not base[k]:
+            raise ValueError(f"conf/cluster/{gpu}.yaml: cluster.{k} (a table of published throughputs) is missing")
     for k, v in values.items():
         if k not in types:
             raise ValueError(f"cluster.{k}: unknown key; known: {sorted(types)} and gpu")
+        if k in _TABLES:
+            raise ValueError(f"cluster.{k}: a table of published figures; edit conf/cluster/{gpu}.yaml instead")
         try:
-            base[k] = int(v) if types[k] == "int" else float(v) if types[k] == "float" else v
+            if k == "efficiency":
+                base[k] = None if v.lower() in ("null", "none", "") else float(v)
+            else:
+                base[k] = int(v) if types[k] == "int" else float(v) if types[k] == "float" else v
         except ValueError:
             raise ValueError(f"cluster.{k}={v!r}: expected {types[k]}") from None
     c = Cluster(**base)
-    if c.nodes < 1 or c.gpus_per_node < 1 or c.efficiency <= 0 or c.efficiency > 1:
-        raise ValueError(f"cluster: need nodes, gpus_per_node >= 1 and 0 < efficiency <= 1, got {c}")
+    if c.nodes < 1 or c.gpus_per_node < 1:
+        raise ValueError(f"cluster: need nodes, gpus_per_node >= 1, got {c.nodes}, {c.gpus_per_node}")
+    if c.efficiency is not None and not 0 < c.efficiency <= 1:
+        raise ValueError(f"cluster.efficiency={c.efficiency}: need 0 < efficiency <= 1 (or null: off)")
+    if min(c.hbm_gbps, c.bf16_gemm_tflops, c.nvlink_gbps, c.ib_gbps) <= 0:
+        raise ValueError("cluster: hbm_gbps, bf16_gemm_tflops, nvlink_gbps and ib_gbps must be > 0")
     return c
 
 
@@ -257,92 +292,88 @@ def _ep_traffic(indices, topo, args, x_bytes: int, modes) -> dict:
     return out
 
 
-# ---- activations ------------------------------------------------------------------------------------
-def activation_bytes_per_token(args, fqn: str, fp8: bool) -> float:
-    """Bytes one token leaves for the backward in module `fqn` (embed, layers.<i>, norm, head, mtp.<k>).
-
-    Saved, per block: the residual stream at both norms (BF16; the norms and the MLA up-projections
-    are recomputed in backward, TR §3.4, so q, k, v and the norm outputs are not kept); every Linear's
-    input (FP8 + one FP32 scale per 128 with fp8 on, TR §3.3: wq_a/wkv_a, wq_b, wkv_b, the experts' and
-    shared experts' w1/w3, SwiGLU's two inputs cached for w2, whose input is recomputed); the
-    compressed q and kv (BF16); the attention output (wo's input, E5M6 = 1.5 bytes with fp8 on, TR
-    §3.3.3) and its log-sum-exp (FP32 per head); the router's scores (FP32, E) and top-K weights and ids.
-    A routed token is kept once per expert it picked (K copies, as the dispatcher groups rows by expert);
-    an expert's output is not kept (the gate-weight grad comes from w2's input and its grad). The head
-    keeps its input and the logits (BF16; a fused cross-entropy would keep none). BF16 = 2 bytes.
-    """
-    a, bf = args, 2.0
-    lin = 1 + 4 / 128 if fp8 else bf
-    o = 1.5 if fp8 else bf
-
-    def block(layer_id: int) -> float:
-        H = a.n_heads
-        x = bf * a.dim + lin * a.dim + bf * (a.kv_lora_rank + a.qk_rope_head_dim) + lin * a.kv_lora_rank
-        x += (bf + lin) * a.q_lora_rank + o * H * a.v_head_dim + 4 * H
-        x += bf * a.dim  # ffn_norm input
-        if not a.is_moe_layer(layer_id):
-            return x + lin * (a.dim + 2 * a.inter_dim)
-        x += 4 * a.n_routed_experts + 12 * a.n_activated_experts
-        x += a.n_activated_experts * lin * (a.dim + 2 * a.moe_inter_dim)
-        if a.n_shared_experts:
-            x += lin * (a.dim + 2 * a.n_shared_experts * a.moe_inter_dim)
-        return x
-
-    head = bf * (a.dim + a.vocab_size)
-    if fqn == "embed":
-        return 0.0
-    if fqn == "norm":
-        return bf * a.dim
-    if fqn == "head":
-        return head
-    kind, i = fqn.split(".")
-    if kind == "layers":
-        return block(int(i))
-    return 2 * bf * a.dim + lin * 2 * a.dim + block(a.n_layers + int(i)) + bf * a.dim + head  # mtp.<k>
-
-
 # ---- stages -----------------------------------------------------------------------------------------
 @dataclass
 class Stage:
     fqns: list
     dense: int = 0  # parameters
     expert: int = 0  # routed-expert parameters, all of them (a rank holds 1/ep)
-    fp8_flops: float = 0.0  # forward matmul FLOPs per token that run as FP8 GEMMs (with fp8 on)
-    bf16_flops: float = 0.0  # forward matmul FLOPs per token at BF16 (head, gate; everything with fp8 off)
-    attn_flops: float = 0.0  # forward attention-core FLOPs per token
     moe_layers: int = 0
-    act: float = 0.0  # activation bytes per token
+    units: dict = field(default_factory=dict)  # plan_costs kind (embed, dense, moe, head, mtp) -> how many
+    act: float = 0.0  # activation bytes per token kept for the backward (train.activations, measured)
 
 
-def build_stages(args, n_stages: int, seq_len: int, fp8: bool) -> list[Stage]:
-    """Per stage of model.stages.stage_layers (the split the runtime uses): params, forward FLOPs per
-    token, activations per token."""
-    from moeforge.model.flops import attention_flops_per_token, parts
+def stage_units(args, fqns: list, first: bool) -> dict:
+    """{plan_costs kind: count} of a stage's top-level modules. The embedding is priced where it embeds the
+    input (stage 0); the last stage's copy serves the MTP modules, whose unit includes that lookup."""
+    units: dict = {}
+    for f in fqns:
+        kind = {"embed": "embed" if first else None, "head": "head", "norm": None}.get(f)
+        if f.startswith("layers."):
+            kind = "moe" if args.is_moe_layer(int(f.split(".")[1])) else "dense"
+        elif f.startswith("mtp."):
+            kind = "mtp"
+        if kind:
+            units[kind] = units.get(kind, 0) + 1
+    return units
+
+
+def build_stages(args, n_stages: int, seq_len: int, fp8, recompute: str = "none", micro_batch: int = 1) -> list[Stage]:
+    """Per stage of model.stages.stage_layers (the split the runtime uses): parameters, its units (priced by
+    plan_costs) and the activation bytes per token its modules keep (train.activations.saved_bytes_per_token:
+    the real modules on fake tensors, with the job's recompute policy and FP8 caches)."""
+    from moeforge.model.flops import parts
     from moeforge.model.stages import stage_layers
+    from moeforge.train.activations import saved_bytes_per_token
 
-    attn = attention_flops_per_token(args, seq_len)
+    if fp8.enabled and getattr(fp8, "cache_fp8_weights", False):
+        # the FP8 weight caches live once per weight, not per micro-batch: priced as their own category
+        # ("FP8 weight caches"), so the activations are measured without them
+        fp8 = dataclasses.replace(fp8, cache_fp8_weights=False)
+    saved = saved_bytes_per_token(args, seq_len=seq_len, recompute=recompute, fp8=fp8, micro_batch=micro_batch)
     by_fqn: dict[str, list] = {}
     for p in parts(args):
         by_fqn.setdefault(p.fqn, []).append(p)
-    split = stage_layers(args, n_stages)
     stages = []
-    for fqns in split:
-        s = Stage(fqns)
+    for i, fqns in enumerate(stage_layers(args, n_stages)):
+        s = Stage(fqns, units=stage_units(args, fqns, i == 0))
         for f in fqns:
             for p in by_fqn[f]:
                 if p.is_expert:
                     s.expert += p.params
                 else:
                     s.dense += p.params
-                if p.fp8 and fp8:
-                    s.fp8_flops += 2 * p.matmul
-                else:
-                    s.bf16_flops += 2 * p.matmul
-            s.attn_flops += attn if f.startswith(("layers.", "mtp.")) else 0
             s.moe_layers += any(p.name == "routed" for p in by_fqn[f])
-            s.act += activation_bytes_per_token(args, f, fp8)
+        s.act = sum(n * saved[k] for k, n in s.units.items() if k != "embed")
         stages.append(s)
     return stages
+
+
+def stage_terms(stage: Stage, cfg, cluster: Cluster, ep: int) -> Counter:
+    """Seconds per (phase, term) of one micro-batch through `stage` on one rank (plan_costs.price_unit of each
+    unit, times its count), with the recompute policy's forward added to B as its own term."""
+    from moeforge.launcher.plan_costs import count_unit
+
+    a, t = cfg.model, cfg.train
+    rec = {"none": None, "selective": "R_sel", "full": "R_full"}[t.recompute]
+    cache = cfg.fp8.enabled and getattr(cfg.fp8, "cache_fp8_weights", False)
+    out: Counter = Counter()
+    for kind, n in stage.units.items():
+        count = count_unit(a, kind, seq_len=t.seq_len, micro_batch=t.micro_batch_size, fp8=cfg.fp8)
+        for (phase, term), sec in _priced(count, cluster, a, t.seq_len, ep, cache).items():
+            if phase in ("R_sel", "R_full"):
+                if phase == rec:
+                    out[("B", "recompute")] += n * sec
+            else:
+                out[(phase, term)] += n * sec
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _priced(count, cluster: Cluster, args, seq_len: int, ep: int, cache: bool) -> dict:
+    from moeforge.launcher.plan_costs import price_unit
+
+    return dict(price_unit(count, cluster, args, seq_len, ep, cache))
 
 
 # ---- one layout -------------------------------------------------------------------------------------
@@ -352,19 +383,26 @@ class ScheduleResult:
     error: str | None = None  # why the schedule cannot run this layout
     makespan: float = 0.0  # seconds: the pipeline part of a step
     bubble: float = 0.0  # seconds: the largest bubble of any rank
-    sync: float = 0.0  # seconds: ZeRO-1 reduce-scatter + all-gather after the pipeline
+    sync: float = 0.0  # seconds: ZeRO-1 reduce-scatter + all-gather after the pipeline (exposed)
+    optimizer: float = 0.0  # seconds: the AdamW step on the rank's shard, the grad norm and zero_grad (HBM-bound)
+    weight_refresh: float = 0.0  # seconds: re-quantizing the FP8 weight caches once per step
     peak_chunks: int = 0  # most micro-batch-stages in flight on one rank
     stages_per_rank: int = 1
-    memory: dict = field(default_factory=dict)  # GiB on the fullest rank: weights, grads, master, moments, activations
+    memory: dict = field(default_factory=dict)  # GiB on the fullest rank, by category
     memory_by_rank: list = field(default_factory=list)  # the same for every pp rank (moeforge dryrun compares one)
+    host_gib: dict = field(default_factory=dict)  # host memory per GPU of the fullest rank (the EMA)
     rank: int = 0  # the fullest rank
     chunk: dict = field(default_factory=dict)  # seconds per chunk, slowest rank: F_c B_c W_c ep_fwd ep_bwd p2p
+    terms: dict = field(default_factory=dict)  # (phase, term) -> seconds per chunk of the slowest rank
+    dp_bytes: dict = field(default_factory=dict)  # parallel.zero.dp_bytes_per_step of the fullest rank
+    mem_bytes: dict = field(default_factory=dict)  # (phase, category) -> HBM bytes per chunk, slowest rank
+    gemms: list = field(default_factory=list)  # (seconds, phase, kind, M, N, K, calls, TFLOP/s, source), slowest rank
     blocks: list = field(default_factory=list)  # transformer blocks per stage
     fits: bool = False
 
     @property
     def step(self) -> float:
-        return self.makespan + self.sync
+        return self.makespan + self.sync + self.optimizer + self.weight_refresh
 
     @property
     def total_gib(self) -> float:
@@ -442,9 +480,11 @@ class _Layout:
 
 
 def _price_schedule(name: str, L: _Layout, stages: list[Stage], tr: EPTraffic) -> ScheduleResult:
-    """One schedule on one layout: chunk costs, makespan and bubble, ZeRO-1 sync, memory of the fullest rank."""
+    """One schedule on one layout: chunk costs, makespan and bubble, the step's tail (ZeRO-1 sync, optimizer,
+    FP8 weight refresh), memory of every rank."""
     from moeforge.dualpipe.schedule import stage_placement, validate
     from moeforge.dualpipe.simulate import Costs, bubble_formula, live_peaks, simulate
+    from moeforge.parallel.zero import dp_bytes_per_step, memory_per_rank
 
     res = ScheduleResult(name)
     try:
@@ -455,21 +495,28 @@ def _price_schedule(name: str, L: _Layout, stages: list[Stage], tr: EPTraffic) -
     cfg, cl, a, tokens = L.cfg, L.cluster, L.cfg.model, L.tokens
     S, placement = len(stages), stage_placement(name, L.pp)
     res.blocks = [sum(f.startswith("layers.") for f in s.fqns) for s in stages]
-    p8 = (cl.fp8_tflops if cfg.fp8.enabled else cl.bf16_tflops) * 1e12 * cl.efficiency
-    p16 = cl.bf16_tflops * 1e12 * cl.efficiency
+    terms = [stage_terms(s, cfg, cl, L.ep) for s in stages]
     per_stage = []
-    for s in stages:
-        mm = s.fp8_flops / p8 + s.bf16_flops / p16
-        per_stage.append({"F_c": tokens * (mm + s.attn_flops / p16), "B_c": tokens * (mm + 2 * s.attn_flops / p16),
-                          "W_c": tokens * mm, "ep_fwd": s.moe_layers * tr.time(EVENTS_FWD, tokens, cl),
-                          "ep_bwd": s.moe_layers * tr.time(EVENTS_BWD, tokens, cl)})
+    for s, tm in zip(stages, terms):
+        per_stage.append({"F_c": sum(v for (ph, _), v in tm.items() if ph == "F"),
+                          "B_c": sum(v for (ph, _), v in tm.items() if ph == "B"),
+                          "W_c": sum(v for (ph, _), v in tm.items() if ph == "W"),
+                          "ep_fwd": s.moe_layers * tr.time(EVENTS_FWD, tokens, cl),
+                          "ep_bwd": s.moe_layers * tr.time(EVENTS_BWD, tokens, cl),
+                          "refresh": tm.get(("step", "fp8 weight cache"), 0.0)})
     # A rank runs as many chunks of each stage it holds: its chunk costs the mean of its stages.
     per = [{k: sum(per_stage[s][k] for s in held) / len(held) for k in per_stage[0]} for held in placement]
     work = [c["F_c"] + c["B_c"] + c["W_c"] for c in per]
+    slow = max(range(len(per)), key=lambda r: work[r])
     p2p_bw = (cl.nvlink_gbps if cl.world <= cl.gpus_per_node else cl.ib_gbps) * 1e9
-    res.chunk = dict(max(per, key=lambda c: c["F_c"] + c["B_c"] + c["W_c"]),
-                     p2p=tokens * a.dim * 2 / p2p_bw if L.pp > 1 else 0.0,
-                     imbalance=max(work) / (sum(work) / len(work)))
+    res.chunk = dict(per[slow], p2p=tokens * a.dim * 2 / p2p_bw if L.pp > 1 else 0.0,
+                     imbalance=max(work) / (sum(work) / len(work)), rank=slow)
+    held = placement[slow]
+    res.terms = {k: sum(terms[s].get(k, 0.0) for s in held) / len(held)
+                 for k in sorted({k for s in held for k in terms[s]})}
+    res.mem_bytes, res.gemms = _slow_rank_details(cfg, cl, L.ep, [stages[s] for s in held])
+    # 1F1B/ZB1P expose the all-to-all (it adds to F and B); DualPipe's overlapped F&B hides it behind the
+    # other micro-batch's compute: max(F + B + W compute, both directions' EP)
     costs = Costs(F=max(c["F_c"] + c["ep_fwd"] for c in per), B=max(c["B_c"] + c["ep_bwd"] for c in per),
                   W=max(c["W_c"] for c in per), comm=res.chunk["p2p"],
                   FB=max(max(c["F_c"] + c["B_c"] + c["W_c"], c["ep_fwd"] + c["ep_bwd"]) for c in per))
@@ -488,29 +535,87 @@ def _price_schedule(name: str, L: _Layout, stages: list[Stage], tr: EPTraffic) -
     peaks = [live_peaks(acts, act) for acts in sched]
     res.peak_chunks = max(chunks for chunks, _ in peaks)
     edp = L.dp // L.ep
-    moment = 2 if cfg.train.moment_dtype == "bfloat16" else 4
-    # ZeRO-1 after the pipeline: reduce-scatter the FP32 grads and all-gather the updated weights (BF16, or
-    # the FP32 buffer when every rank keeps it), over dp (dense) and edp (experts); IB once a group spans nodes
-    gather = 2 if L.master == "sharded" else 4
+    mb = 2 if cfg.train.moment_dtype == "bfloat16" else 4
+    wb = 2 if a.dtype == "bfloat16" else 4
     sync_bw = (cl.ib_gbps if L.dp > cl.gpus_per_node else cl.nvlink_gbps) * 1e9
+    hbm = cl.hbm_gbps * 1e9
+    in_flight = 2 if name in ("dualpipe", "dualpipev") else 1  # MoE layers whose EP buffers are live at once
+    row_out = a.dim + 4 * math.ceil(a.dim / 128) if L.cfg.parallel.fp8_dispatch else a.dim * wb
+    comm = in_flight * tokens * tr.ranks_per_token * (row_out + a.dim * wb) if L.ep > 1 else 0.0
     for r, held in enumerate(placement):
         dense = sum(stages[s].dense for s in held)
         if sum("embed" in stages[s].fqns for s in held) > 1:  # one nn.Embedding serves both (model/split.py)
             dense -= a.vocab_size * a.dim
-        expert = sum(stages[s].expert for s in held) / L.ep
-        shard = dense / L.dp + expert / edp
-        mem = {"weights (BF16)": 2 * (dense + expert), "grads (FP32)": 4 * (dense + expert),
-               "master (FP32)": 4 * (shard if L.master == "sharded" else dense + expert),
-               f"moments ({'BF16' if moment == 2 else 'FP32'})": 2 * moment * shard,
-               "activations": peaks[r][1]}
+        expert = sum(stages[s].expert for s in held) // L.ep
+        z = memory_per_rank(dense, expert, L.dp, edp, weight_bytes=wb, moment_bytes=mb)
+        fp8w = _fp8_cache_bytes(cfg, [stages[s] for s in held], L.ep)
+        mem = {f"weights ({'BF16' if wb == 2 else 'FP32'})": z["weights"], "grads (FP32)": z["grads"],
+               "master (FP32)": 4 * (dense + expert) if L.master == "full" else z["masters"],
+               f"moments ({'BF16' if mb == 2 else 'FP32'})": z["moments"],
+               "FP8 weight caches": fp8w, "activations": peaks[r][1], "EP comm buffers": comm}
         mem = {k: v / GiB for k, v in mem.items()}
         res.memory_by_rank.append(mem)
         if not res.memory or sum(mem.values()) > res.total_gib:
             res.rank, res.memory, res.stages_per_rank = r, mem, len(held)
-        sync = ((L.dp - 1) / L.dp * dense + (edp - 1) / edp * expert) * (4 + gather) / sync_bw
-        res.sync = max(res.sync, sync)
+            res.host_gib = {"EMA (FP32, host)": 4 * (dense + expert) / GiB} if cfg.train.ema_decay > 0 else {}
+        # ZeRO-1 after the pipeline (parallel/zero.py's own byte count): reduce-scatter the FP32 grads and
+        # all-gather the updated weights, over dp (dense) and edp (experts), not overlapped
+        dpb = dp_bytes_per_step(dense, expert, L.dp, edp, grad_bytes=4, weight_bytes=wb)
+        if sum(dpb.values()) / sync_bw >= res.sync:
+            res.sync, res.dp_bytes = sum(dpb.values()) / sync_bw, dpb
+        # AdamW on the rank's shard: read the FP32 grad, read+write the FP32 master and m, v, write the
+        # weight's slice; the grad norm reads the grad once more; zero_grad writes the whole grad buffer
+        shard = z["moments"] / (2 * mb)
+        opt = shard * (4 + 4 + 8 + 4 * mb + (wb if wb == 2 else 0)) + z["grads"]
+        res.optimizer = max(res.optimizer, opt / hbm)
+        res.weight_refresh = max(res.weight_refresh, sum(per_stage[s]["refresh"] for s in held))
     res.fits = res.total_gib <= cl.memory_gib - cl.reserved_gib
     return res
+
+
+def _slow_rank_details(cfg, cluster: Cluster, ep: int, stages: list[Stage]) -> tuple[dict, list]:
+    """Per chunk of a rank holding `stages` (their mean): HBM bytes by (phase, category), and every GEMM
+    shape with its calls, throughput and source (the recompute policy's forward filed under phase R)."""
+    from moeforge.launcher.plan_costs import count_unit, gemm_tflops, mem_by_category
+
+    t, a = cfg.train, cfg.model
+    rec = {"none": None, "selective": "R_sel", "full": "R_full"}[t.recompute]
+    rows = t.micro_batch_size * t.seq_len * a.n_activated_experts * ep / max(a.n_routed_experts, 1)
+    cache = cfg.fp8.enabled and getattr(cfg.fp8, "cache_fp8_weights", False)
+    mem: Counter = Counter()
+    gemms: dict = {}
+    for s in stages:
+        for kind, n in s.units.items():
+            c = count_unit(a, kind, seq_len=t.seq_len, micro_batch=t.micro_batch_size, fp8=cfg.fp8)
+            for (phase, cat), b in mem_by_category(c, ep).items():
+                if cat == "fp8 quantize (weights)" and cache:  # once per step: "FP8 weight refresh"
+                    continue
+                if phase in ("F", "B", "W") or phase == rec:
+                    mem[("R" if phase == rec else phase, cat)] += n * b / len(stages)
+            for (phase, k, m_, n_, k_, grouped), calls in c.gemms.items():
+                if phase in ("F", "B", "W") or phase == rec:
+                    key = ("R" if phase == rec else phase, k, m_, n_, k_, grouped)
+                    gemms[key] = gemms.get(key, 0) + n * calls / len(stages)
+    out = []
+    for (phase, k, m_, n_, k_, grouped), calls in gemms.items():
+        tf, src = gemm_tflops(cluster, k, m_, n_, k_, grouped_m=rows if grouped else None)
+        out.append((calls * 2.0 * m_ * n_ * k_ / (tf * 1e12), phase, k, m_, n_, k_, calls, tf, src))
+    return dict(mem), sorted(out, reverse=True)
+
+
+def _fp8_cache_bytes(cfg, stages: list[Stage], ep: int) -> float:
+    """Bytes of the FP8 weight caches (fp8.cache_fp8_weights) of the units of `stages`: counted per Fp8Linear by
+    plan_costs (fp8.cache.weight_cache_bytes), the routed experts' / ep."""
+    if not (cfg.fp8.enabled and getattr(cfg.fp8, "cache_fp8_weights", False)):
+        return 0.0
+    from moeforge.launcher.plan_costs import count_unit
+
+    t, total = cfg.train, 0.0
+    for s in stages:
+        for kind, n in s.units.items():
+            c = count_unit(cfg.model, kind, seq_len=t.seq_len, micro_batch=t.micro_batch_size, fp8=cfg.fp8)
+            total += n * (c.fp8_weights["dense"] + c.fp8_weights["expert"] / ep)
+    return total
 
 
 SCHEDULE_ORDER = ("1f1b", "zb1p", "dualpipe", "dualpipev")
@@ -538,8 +643,16 @@ def evaluate(cfg, cluster: Cluster, schedules=SCHEDULE_ORDER, chosen: str | None
         raise ValueError(f"parallel.two_hop needs the same number of ep ranks on every node: ep={dims.ep}, "
                          f"{gpn} GPUs per node")
     names = [n for n in SCHEDULE_ORDER if n in set(schedules) | ({chosen} if chosen else set())]
-    stages = {S: build_stages(a, S, t.seq_len, cfg.fp8.enabled) for S in {num_stages(n, par.pp) for n in names}}
-    results = {n: _price_schedule(n, L, stages[num_stages(n, par.pp)], traffic[mode]) for n in names}
+    stages: dict = {}
+    for S in sorted({num_stages(n, par.pp) for n in names}):
+        try:
+            stages[S] = build_stages(a, S, t.seq_len, cfg.fp8, t.recompute, t.micro_batch_size)
+        except ValueError as e:  # the model cannot be split into S stages (model/stages.py)
+            stages[S] = str(e)
+    results = {}
+    for n in names:
+        got = stages[num_stages(n, par.pp)]
+        results[n] = ScheduleResult(n, error=got) if isinstance(got, str) else _price_schedule(n, L, got, traffic[mode])
     if chosen is None:
         ok = [r for r in results.values() if not r.error]
         fit = [r for r in ok if r.fits]
@@ -658,11 +771,8 @@ def render(p: LayoutPlan, defaults: list[str] = ()) -> str:
           f"token, MTP {_si(c['mtp'], billion='B')}",
           f"  training {_si(p.flops_per_token, 'FLOP')} per token (forward + backward, MTP included)",
           f"  blocks per stage ({r.name}): {' '.join(map(str, r.blocks))}"]
-    ch = r.chunk
-    L += ["", f"one chunk = {p.tokens_per_chunk} tokens through a stage of the slowest rank (its work is "
-              f"{ch['imbalance']:.2f}x the mean rank's), at {cl.efficiency:g} of peak (ms)",
-          f"  compute F {_n(ch['F_c'] * 1e3)}  B {_n(ch['B_c'] * 1e3)}  W {_n(ch['W_c'] * 1e3)} | EP all-to-all "
-          f"fwd {_n(ch['ep_fwd'] * 1e3)}  bwd {_n(ch['ep_bwd'] * 1e3)} | p2p {_n(ch['p2p'] * 1e3)}"]
+    if not r.error:
+        L += _render_terms(p, r)
     L += ["", "schedule    bubble s  bubble %  step s  in flight  stages/rank  memory GiB  fits"]
     for s in p.schedules.values():
         if s.error:
@@ -672,9 +782,10 @@ def render(p: LayoutPlan, defaults: list[str] = ()) -> str:
                  f"{s.peak_chunks:9d}  {s.stages_per_rank:11d}  {_n(s.total_gib):>10}  {'yes' if s.fits else 'NO'}")
     usable = cl.memory_gib - cl.reserved_gib
     L += ["", f"memory per GPU, {r.name}, rank {r.rank} (the fullest; ZeRO-1 master weights {p.master}) GiB"]
-    L += [f"  {k:<18} {_n(v):>6}" for k, v in r.memory.items()]
-    L.append(f"  {'total':<18} {_n(r.total_gib):>6} of {_n(usable)} usable "
+    L += [f"  {k:<20} {_n(v):>6}" for k, v in r.memory.items()]
+    L.append(f"  {'total':<20} {_n(r.total_gib):>6} of {_n(usable)} usable "
              f"({cl.memory_gib:g} - {cl.reserved_gib:g} reserved)")
+    L += [f"  {k:<20} {_n(v):>6} (not GPU memory)" for k, v in r.host_gib.items()]
     any_tr = next(iter(p.traffic.values()))
     L += ["", f"EP bytes one rank sends per token per MoE layer, fwd + bwd (uniform routing: "
               f"{any_tr.ranks_per_token:.2f} ranks, {any_tr.nodes_per_token:.2f} nodes per token)",
@@ -691,7 +802,8 @@ def render(p: LayoutPlan, defaults: list[str] = ()) -> str:
         gh = p.gpu_hours_per_T(r)
         L += ["", f"throughput ({r.name})",
               f"  step {_n(r.step)} s = pipeline {_n(r.makespan)} s (bubble {_n(r.bubble)}) "
-              f"+ ZeRO-1 sync {_n(r.sync)} s",
+              f"+ ZeRO-1 sync {_n(r.sync)} s + optimizer {_n(r.optimizer)} s"
+              + (f" + FP8 weight refresh {_n(r.weight_refresh)} s" if r.weight_refresh else ""),
               f"  {_si(tps)} tokens/s ({_si(tps / cl.world)} per GPU); {_si(gh)} GPU-hours per 1T tokens",
               f"  MFU {100 * p.mfu(r, cl.bf16_tflops):.1f}% of the BF16 peak"
               + (f", {100 * p.mfu(r, cl.fp8_tflops):.1f}% of the FP8 peak" if cfg.fp8.enabled else "")]
@@ -711,6 +823,55 @@ def render(p: LayoutPlan, defaults: list[str] = ()) -> str:
                   f"batch's rate"]
     L += ["", _verdict(r, usable, p)]
     return "\n".join(L)
+
+
+_TERMS = (("gemm fp8", "GEMM FP8 (DeepGEMM table)"), ("gemm bf16", "GEMM BF16 (cuBLAS)"),
+          ("attention", "attention core (FA3)"), ("memory-bound", "memory-bound (HBM)"), ("recompute", "recompute"))
+
+
+def _render_terms(p: LayoutPlan, r: ScheduleResult) -> list[str]:
+    """The time terms of one chunk on the slowest rank, its GEMMs and HBM bytes, and the step's tail."""
+    cl, ch, t = p.cluster, r.chunk, p.cfg.train
+    how = (f"GEMMs and attention at {cl.efficiency:g} x peak (cluster.efficiency override)"
+           if cl.efficiency is not None else "published throughputs, conf/cluster/" + cl.name + ".yaml")
+    L = ["", f"time per chunk ({p.tokens_per_chunk} tokens through one stage) on rank {ch['rank']}, the slowest "
+             f"(its work is {ch['imbalance']:.2f}x the mean rank's); {how}; ms",
+         f"  {'term':<28}{'F':>9}{'B':>9}{'W':>9}"]
+    for key, label in _TERMS:
+        row = [r.terms.get((ph, key), 0.0) * 1e3 for ph in "FBW"]
+        if any(row):
+            if key == "recompute":
+                label = f"recompute ({t.recompute})"
+            L.append(f"  {label:<28}" + "".join(f"{_n(v):>9}" for v in row))
+    L.append(f"  {'compute':<28}{_n(ch['F_c'] * 1e3):>9}{_n(ch['B_c'] * 1e3):>9}{_n(ch['W_c'] * 1e3):>9}")
+    L.append(f"  {'EP all-to-all':<28}{_n(ch['ep_fwd'] * 1e3):>9}{_n(ch['ep_bwd'] * 1e3):>9}"
+             f"      (1F1B/ZB1P: added to F and B; DualPipe: max(F+B+W, both) per F&B pair)")
+    L.append(f"  {'p2p to the next stage':<28}{_n(ch['p2p'] * 1e3):>9}")
+    if r.gemms:
+        top = r.gemms[:8]
+        L += ["", "  GEMMs of that chunk, the costliest first (phase, M x N x K, calls, TFLOP/s, from; grouped: one "
+                  "expert's", "  rows as counted with every expert here, priced at the EP rank's rows per local expert)"]
+        for sec, ph, k, m, n, kk, calls, tf, src in top:
+            grouped = " grouped" if src.startswith("DeepGEMM grouped") else ""
+            L.append(f"    {ph} {k} {m}x{n}x{kk}{grouped}: {calls:g} x, {tf:.0f} TFLOP/s ({src}), {_n(sec * 1e3)} ms")
+        if len(r.gemms) > len(top):
+            rest = sum(g[0] for g in r.gemms[len(top):])
+            L.append(f"    ... {len(r.gemms) - len(top)} more shapes, {_n(rest * 1e3)} ms")
+    if r.mem_bytes:
+        floor = 1e-3 * sum(r.mem_bytes.values())  # categories under 0.1% of the bytes are left out
+        cats = sorted({c for (_, c), b in r.mem_bytes.items() if b > floor},
+                      key=lambda c: -sum(r.mem_bytes.get((ph, c), 0) for ph in "FBWR"))
+        L += ["", f"  memory-bound bytes of that chunk, GB (at {cl.hbm_gbps:g} GB/s; R: the recomputed forward)",
+              f"    {'category':<26}{'F':>8}{'B':>8}{'W':>8}{'R':>8}"]
+        L += [f"    {c:<26}" + "".join(f"{r.mem_bytes.get((ph, c), 0) / 1e9:8.2f}" for ph in "FBWR") for c in cats]
+    dpb = r.dp_bytes
+    L += ["", "per step, after the pipeline (s)",
+          f"  ZeRO-1 sync {_n(r.sync)}: reduce-scatter FP32 grads {dpb.get('grad_reduce_scatter', 0) / 1e9:.2f} GB + "
+          f"all-gather weights {dpb.get('weight_all_gather', 0) / 1e9:.2f} GB per rank (parallel/zero.py), exposed",
+          f"  optimizer {_n(r.optimizer)}: AdamW on the rank's shard + grad norm + zero_grad, at HBM bandwidth"]
+    if r.weight_refresh:
+        L.append(f"  FP8 weight refresh {_n(r.weight_refresh)}: every weight re-quantized once (fp8.cache_fp8_weights)")
+    return L
 
 
 def _verdict(r: ScheduleResult, usable: float, p: LayoutPlan) -> str:
@@ -762,18 +923,71 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
     return job, cluster
 
 
-def load_plan_config(overrides: list[str]):
-    """(JobConfig with plan defaults for the train keys not given, Cluster, the defaults applied)."""
-    from .config import load_job_config
+def load_job_and_cluster(overrides: list[str]) -> tuple:
+    """(JobConfig, Cluster, the keys the job sets): the job's overrides composed as for a run, and the cluster.
+
+    An experiment (conf/experiment/) may carry a `cluster:` section (gpu, nodes, any profile key): it is taken
+    out of the composed config before it becomes a JobConfig, and cluster.* on the command line wins. The keys
+    the job sets are those on the command line and the train keys of a named experiment."""
+    from omegaconf import OmegaConf
+
+    from .config import compose, to_job_config
 
     job, cl = split_overrides(overrides)
-    cfg = load_job_config(job)
+    composed = compose(job)
     given = {o.partition("=")[0].lstrip("+~") for o in job}
+    if "cluster" in composed:
+        section = OmegaConf.to_container(composed.cluster)
+        if not isinstance(section, dict):
+            raise ValueError(f"cluster: an experiment's cluster section must be a mapping, got {section!r}")
+        cl = {**{k: str(v) for k, v in section.items()}, **cl}
+        with open_dict(composed):
+            del composed["cluster"]
+    for o in job:  # the train keys an experiment sets count as given
+        key, _, name = o.partition("=")
+        if key.lstrip("+~") == "experiment" and name:
+            path = resources.files("moeforge.conf") / "experiment" / f"{name}.yaml"
+            if path.is_file():
+                import yaml
+
+                train = (yaml.safe_load(path.read_text()) or {}).get("train") or {}
+                given |= {f"train.{k}" for k in train}
+    return to_job_config(composed), load_cluster(cl), given
+
+
+def load_plan_config(overrides: list[str]):
+    """(JobConfig with plan defaults for the train keys not given, Cluster, the defaults applied)."""
+    cfg, cluster, given = load_job_and_cluster(overrides)
     defaults = {"seq_len": cfg.model.max_seq_len, "micro_batch_size": 1, "global_batch_size": TR_BATCH}
     # a key not given, or given as null (train.micro_batch_size=null: "derive it"), takes the plan's default
     defaults = {k: v for k, v in defaults.items() if f"train.{k}" not in given or getattr(cfg.train, k) is None}
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **defaults))
-    return cfg, load_cluster(cl), [f"train.{k}={v}" for k, v in defaults.items()]
+    return cfg, cluster, [f"train.{k}={v}" for k, v in defaults.items()]
+
+
+def schedule_given(overrides: list[str]) -> bool:
+    """Whether the job names its schedule (schedule=... or an experiment that overrides /schedule): the verdict
+    then prices that one instead of the fastest that fits."""
+    import yaml
+
+    for o in overrides:
+        key, _, name = o.partition("=")
+        key = key.lstrip("+~")
+        if key == "schedule" or key.startswith("schedule."):
+            return True
+        if key == "experiment" and name:
+            path = resources.files("moeforge.conf") / "experiment" / f"{name}.yaml"
+            if path.is_file():
+                defaults = (yaml.safe_load(path.read_text()) or {}).get("defaults") or []
+                if any(isinstance(d, dict) and any("/schedule" in k for k in d) for d in defaults):
+                    return True
+    return False
+
+
+def open_dict(node):
+    from omegaconf import open_dict as _open_dict
+
+    return _open_dict(node)
 
 
 def run_plan(args) -> int:
@@ -790,7 +1004,8 @@ def run_plan(args) -> int:
             plans, misfits = search(cfg, cluster, args.schedule, args.master_weights)
             print(render_search(plans, misfits, cfg, cluster, args.schedule, args.top))
             return 0 if plans else 1
-        plan = evaluate(cfg, cluster, chosen=args.schedule, master=args.master_weights)
+        chosen = args.schedule or (cfg.schedule.name if schedule_given(args.overrides) else None)
+        plan = evaluate(cfg, cluster, chosen=chosen, master=args.master_weights)
     except ValueError as e:
         print(f"moeforge plan: {e}", file=sys.stderr)
         return 2
