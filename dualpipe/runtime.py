@@ -426,9 +426,12 @@ class PipelineRuntime:
             out = []
             for p in mod.parameters():
                 if p.requires_grad:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    out.append(p.grad)
+                    g = getattr(p, "main_grad", None)  # ZeRO-1's FP32 grad buffer (parallel/zero.py)
+                    if g is None:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                        g = p.grad
+                    out.append(g)
             return out
 
         self._tied_exchange(grads, "reduce_tied_grads")

@@ -9,7 +9,8 @@ block into the report's four parts (TR §3.2.1, Figure 4):
 A boundary is either a detached leaf (`x.detach().requires_grad_()`: the producer's output, the
 consumer's input) or, for an all-to-all in flight, a cut autograd edge: the consumer's `handle.wait()`
 node keeps its edge into the producer's start node, and the consumer's backward stops there
-(`torch.autograd.grad(..., inputs=[GradientEdge])`). So the backward also runs piece by piece, and
+(`torch.autograd.grad(..., inputs=[GradientEdge])`); `Chunk.link` makes the same kind of boundary for a tensor
+that no piece may hold (a recomputed norm output, model/recompute.py). So the backward also runs piece by piece, and
 between the backward of COMBINE (the reverse combine all-to-all starts in its wait node's backward)
 and the backward of MLP (the start node's backward waits for it) the runtime may run other work; the
 same holds between MLP and ATTN for the reverse dispatch. Forward and backward are generators that
@@ -48,6 +49,7 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from moeforge.model.moe import MoE
+from moeforge.model.recompute import policy_of, region, scope
 
 
 def _edge(t) -> GradientEdge:
@@ -152,6 +154,20 @@ class Chunk:
                 p.in_src.append((prev.index, prev.add_out(e)))
                 p.cut = True
 
+    def link(self, t: torch.Tensor) -> torch.Tensor:
+        """Inside a piece's fn: use `t`, an earlier piece's output, through its own autograd edge rather
+        than a detached leaf, so that neither piece holds it (a recomputed tensor, model/recompute.py, stays
+        dropped: only the saved-tensor slots of its consumers refer to it). Its gradient is routed back like a
+        leaf's; the chunk forgets `t` (one consumer)."""
+        p = self.pieces[-1]
+        src = self._producer.pop(id(t), None)
+        if src is None or src[1] is not t or src[0] < 0:
+            raise RuntimeError(f"piece {p.name}: link() needs an output of an earlier piece")
+        e = get_gradient_edge(t)
+        p.ins.append(e)
+        p.in_src.append((src[0], self.pieces[src[0]].add_out(e)))
+        return t
+
     def finish(self, out: torch.Tensor) -> None:
         src = self._producer.get(id(out))
         if src is None or src[0] < 0:
@@ -227,7 +243,12 @@ def _accumulate(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | N
         for p, g in zip(params, grads):
             if g is None:
                 continue
-            if p.grad is None:
+            main = getattr(p, "main_grad", None)  # ZeRO-1's FP32 grad buffer (parallel/zero.py): add there
+            if main is not None:
+                main.add_(g)
+                if p.dtype == main.dtype:
+                    p.grad = main  # as ZeRO-1's AccumulateGrad hook leaves an FP32 parameter
+            elif p.grad is None:
                 p.grad = g.clone(memory_format=torch.contiguous_format)
             else:
                 p.grad += g
@@ -438,18 +459,34 @@ def block_forward(chunk: Chunk, layer: nn.Module, x: torch.Tensor, angles: torch
                   overlap: bool) -> Generator[None, None, torch.Tensor]:
     """One transformer block as pieces. With an async dispatcher and overlap: ATTN | MLP | COMBINE,
     yielding while dispatch and combine are in flight (Block.attention and MoE.forward's steps: route_tokens,
-    dispatcher, shared, finish)."""
+    dispatcher, shared, finish).
+
+    Recompute (model/recompute.py, the block's `recompute`): a whole block is one piece and Block.forward
+    applies it. Cut in pieces, selective runs each piece in a recompute scope and hands the ffn norm's
+    output to COMBINE (the shared expert) through its autograd edge (Chunk.link), so no piece holds it;
+    full checkpoints each piece's compute (attention + norm + gate; the experts; the shared expert): what
+    stays is each piece's inputs (the block input, h, the received rows, the routing weights), not the
+    all-to-alls, which are never re-run."""
     if not (overlap and _is_async(layer)):
         return chunk.piece(layer, x, angles, params=_params(layer), name=f"block{layer.layer_id}")
     moe: MoE = layer.ffn
     disp = moe.dispatcher
+    policy = policy_of(layer)
+    full, selective = policy == "full", policy == "selective"
+
+    def attn_route(x):
+        h = layer.attention(x, angles)
+        return (h, *moe.route_tokens(layer.ffn_norm(h)))
 
     def attn_gate(x):
-        h = layer.attention(x, angles)
-        x_ND, weights, indices, aux = moe.route_tokens(layer.ffn_norm(h))
-        return h, x_ND, aux, disp.dispatch_async(x_ND, indices, weights)
+        with scope(selective):
+            h, x_ND, weights, indices, aux = region(attn_route, x, register_outputs=False) if full else \
+                attn_route(x)
+            # the shared expert's own view of x_ND: COMBINE links to it (Chunk.link), and its edge lies on no path
+            # from the dispatch, so COMBINE's backward never runs into this piece's graph
+            return h, x_ND.view_as(x_ND), aux, disp.dispatch_async(x_ND, indices, weights)
 
-    h, x_ND, aux, handle = chunk.piece(
+    h, x_sh, aux, handle = chunk.piece(
         attn_gate, x, params=_params(layer.attn_norm, layer.attn, layer.ffn_norm, moe.gate),
         name=f"attn{layer.layer_id}")
     yield  # dispatch in flight
@@ -457,21 +494,33 @@ def block_forward(chunk: Chunk, layer: nn.Module, x: torch.Tensor, angles: torch
     def experts(handle):
         x_RD, ctx = handle.wait()
         chunk.cut(x_RD)
-        return disp.combine_async(disp.compute(x_RD, ctx, moe.experts), ctx)
+        y_RD = region(disp.compute, x_RD, ctx, moe.experts, register_outputs=False) if full else \
+            disp.compute(x_RD, ctx, moe.experts)
+        return disp.combine_async(y_RD, ctx)
 
     handle = chunk.piece(experts, handle, params=_params(moe.experts), name=f"mlp{layer.layer_id}")
     yield  # combine in flight
 
-    def combine(handle, h, x_ND, aux):
+    def combine(handle, h, aux):
         # the shared expert first: it computes while the combine is in flight; in backward its nodes are
         # older than the wait node's, so autograd starts the reverse combine before computing them
-        shared = moe.shared(x_ND)
+        with scope(selective):
+            x = chunk.link(x_sh)
+            shared = region(moe.shared, x, register_outputs=False) if full else moe.shared(x)
         y_ND = handle.wait()
         chunk.cut(y_ND)
         return h + moe.finish(y_ND, shared, aux, h.shape)
 
-    return chunk.piece(combine, handle, h, x_ND, aux, params=_params(moe.shared_experts),
+    return chunk.piece(combine, handle, h, aux, params=_params(moe.shared_experts),
                        name=f"combine{layer.layer_id}")
+
+
+def _scoped(fn: Callable, enabled: bool) -> Callable:
+    """fn run inside a recompute scope (model/recompute.py) when enabled."""
+    def run(*args):
+        with scope(enabled):
+            return fn(*args)
+    return run if enabled else fn
 
 
 def stage_forward(chunk: Chunk, stage, x: torch.Tensor | None, rows: torch.Tensor | None, n_micro: int,
@@ -493,13 +542,16 @@ def stage_forward(chunk: Chunk, stage, x: torch.Tensor | None, rows: torch.Tenso
     if not stage.is_last:
         chunk.finish(h)
         return h
-    main = chunk.piece(stage.main_loss, h, rows, params=_params(stage.norm, stage.head), name="head")
+    selective = policy_of(*_blocks(stage)) == "selective"  # the final norms' outputs, saved by the head
+    main = chunk.piece(_scoped(stage.main_loss, selective), h, rows, params=_params(stage.norm, stage.head),
+                       name="head")
     mtp = []
     for k, module in enumerate(stage.mtp.values()):
         hk = chunk.piece(stage.mtp_input, k, h, rows, params=_params(module.hnorm, module.enorm, module.eh_proj,
                                                                        stage.embed), name=f"mtp{k}_in")
         hk = yield from block_forward(chunk, module.block, hk, stage.angles, overlap)
-        mtp.append(chunk.piece(stage.mtp_loss, k, hk, rows, params=_params(module.norm, stage.head),
+        mtp.append(chunk.piece(_scoped(stage.mtp_loss, selective), k, hk, rows,
+                               params=_params(module.norm, stage.head),
                                name=f"mtp{k}_head"))
         h = hk
 

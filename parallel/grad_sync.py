@@ -13,6 +13,12 @@ zeros and is materialised, so every rank of a group passes the same buffer.
 Clipping. The norm is over every unique parameter of the whole model: dense params are replicated
 over dp (count once), experts differ across ep (sum their squares over ep), stages differ across pp
 (sum over pp). It equals torch.nn.utils.clip_grad_norm_ on the single-process model.
+
+ZeRO-1. The trainer does not all-reduce: parallel/zero.ShardedAdamW.reduce_gradients reduce-scatters the
+same sums into each rank's slice of a flat FP32 grad buffer (same normalisation), and
+clip_grad_norm_(..., zero=optimizer) takes the norm from those slices (each element on one rank of dp:
+the squares are summed over dp, then pp) and scales only them. reduce_gradients below is the all-reduce
+form: the reference the ZeRO-1 path is tested against (tests/dist/test_zero_bytes.py).
 """
 from __future__ import annotations
 
@@ -105,9 +111,10 @@ def grad_norm(named_params: Iterable[tuple[str, torch.Tensor]], groups,
     sq = {}
     for kind, sel in (("dense", False), ("expert", True)):
         grads = [p.grad for n, p in params if is_expert(n) == sel]
-        norms = torch._foreach_norm(grads, 2.0) if grads else []
-        # sum of squares in fp64: the same number whatever the layout, to rounding
-        sq[kind] = torch.stack([x.double() for x in norms]).square().sum() if grads else \
+        # accumulated in fp64: the same number whatever the layout (ZeRO-1 cuts parameters into pieces), to
+        # rounding; an fp32 norm of a 2M-element tensor is off by ~3e-5 on CPU
+        norms = torch._foreach_norm(grads, 2.0, dtype=torch.float64) if grads else []
+        sq[kind] = torch.stack(norms).square().sum() if grads else \
             torch.zeros((), dtype=torch.float64, device=device)
     ep, pp = _group(groups, "ep"), _group(groups, "pp")
     if ep is not None:  # each ep rank holds different experts; edp replicas are identical
@@ -123,12 +130,16 @@ def grad_norm(named_params: Iterable[tuple[str, torch.Tensor]], groups,
 @torch.no_grad()
 def clip_grad_norm_(named_params: Iterable[tuple[str, torch.Tensor]], max_norm: float, groups=None,
                     is_expert: Callable[[str], bool] = is_expert_param,
-                    norm_params: Iterable[tuple[str, torch.Tensor]] | None = None) -> torch.Tensor:
+                    norm_params: Iterable[tuple[str, torch.Tensor]] | None = None, zero=None) -> torch.Tensor:
     """Scale grads in place by min(1, max_norm / (norm + 1e-6)); returns the global norm (fp32 tensor).
 
     `norm_params` (default: named_params) are the params the norm counts: where a stage lives on two
     ranks (DualPipe, not V, holds stages r and PP-1-r on rank r), pass chunk 0's params only, so every
-    stage counts once; all of named_params are scaled."""
+    stage counts once; all of named_params are scaled. `zero`: a ShardedAdamW whose reduce_gradients ran:
+    the grads are its reduced slices (named_params are its parameters); the norm comes from them and only
+    they are scaled (ShardedAdamW.clip_grad_norm_)."""
+    if zero is not None:
+        return zero.clip_grad_norm_(max_norm, groups, norm_params)
     named_params = list(named_params)
     norm = grad_norm(named_params if norm_params is None else norm_params, groups, is_expert)
     grads = [p.grad for _, p in _unique(named_params) if p.grad is not None]
@@ -136,6 +147,12 @@ def clip_grad_norm_(named_params: Iterable[tuple[str, torch.Tensor]], max_norm: 
     if grads:
         torch._foreach_mul_(grads, coef.to(grads[0].device))
     return norm
+
+
+def all_reduce_fp64_(sq: torch.Tensor, pg: dist.ProcessGroup, what: str) -> None:
+    """SUM one fp64 scalar (a sum of squares) over `pg`, in place."""
+    with peer_guard(what, pg):
+        dist.all_reduce(sq, group=pg)
 
 
 @torch.no_grad()

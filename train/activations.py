@@ -117,12 +117,12 @@ def _measure(args, seq_len: int, recompute: str, fp8, micro_batch: int) -> tuple
             return leaf.clone()
 
         def block_bytes(layer_id: int) -> float:
-            block = _prepared(Block(layer_id, args, dtype=dtype), recompute, fp8)
+            block = _prepared(_built(Block, layer_id, args, dtype), recompute, fp8)
             with LiveBytes() as live:
                 x = hidden()
                 y = block(x, angles)
                 del x
-                return live.live(exclude=(y,)) / tokens
+                return live.live(exclude=(y, *_weight_caches(block))) / tokens
 
         moe_ids = [i for i in range(args.n_layers) if args.is_moe_layer(i)]
         dense_ids = [i for i in range(args.n_layers) if not args.is_moe_layer(i)]
@@ -136,14 +136,14 @@ def _measure(args, seq_len: int, recompute: str, fp8, micro_batch: int) -> tuple
             out["head"] = live.live(exclude=(loss,)) / tokens
         out["mtp"] = 0.0
         if args.n_mtp_modules:
-            module = _prepared(MTPModule(args.n_layers, args, dtype=dtype), recompute, fp8)
+            module = _prepared(_built(MTPModule, args.n_layers, args, dtype), recompute, fp8)
             h = hidden()  # the main model's last hidden state: the head above counts it where kept
             with LiveBytes() as live:  # StageModule.mtp_input, the block, StageModule.mtp_loss
                 x = module.project(h, embed(targets))
                 y = module.block(x, angles)
                 loss = cross_entropy(head(module.norm(y)), targets)
                 del x, y
-                out["mtp"] = live.live(exclude=(loss,)) / tokens
+                out["mtp"] = live.live(exclude=(loss, *_weight_caches(module))) / tokens
     return tuple((k, out[k]) for k in KINDS)
 
 
@@ -211,8 +211,72 @@ def _prepared(module: torch.nn.Module, recompute: str, fp8) -> torch.nn.Module:
         from moeforge import fp8 as fp8_pkg
 
         fp8_pkg.apply_fp8(module, fp8)
+        _shape_only_gemms(module)
     if recompute != "none":
         from moeforge.model.recompute import apply_recompute
 
         apply_recompute(module, recompute)
     return module.train()
+
+
+def _built(cls, layer_id: int, args, dtype) -> torch.nn.Module:
+    """cls(layer_id, args) with fresh fake parameters, built on meta first: nn.Linear's own init costs Python
+    time per module (768 of them in a 671b MoE block) and its values are never read here."""
+    from .build import _no_default_init
+
+    with torch.device("meta"), _no_default_init():
+        module = cls(layer_id, args, dtype=dtype)
+    for m in module.modules():
+        for table in (m._parameters, m._buffers):
+            for k, t in table.items():
+                if t is not None:
+                    e = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+                    table[k] = torch.nn.Parameter(e, t.requires_grad) if isinstance(t, torch.nn.Parameter) else e
+    return module
+
+
+def _weight_caches(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The FP8 weight copies a module's caches hold (fp8/cache.py): per weight version, not per micro-batch,
+    so not activations (the planner prices them as their own category)."""
+    from moeforge.fp8.cache import Fp8WeightCache
+
+    out = []
+    for m in module.modules():
+        for owner in (m, getattr(m, "run_grouped", None)):
+            cache = getattr(owner, "weight_cache", None)
+            if isinstance(cache, Fp8WeightCache):
+                out += [t for _, _, value in cache._entries.values() for t in value]
+    return out
+
+
+def _shape_only_gemms(module: torch.nn.Module) -> None:
+    """FP8 GEMMs as outputs of the right shape and dtype, not computed: a GEMM keeps nothing for backward
+    (its caller's autograd Function decides what is saved, and the quantizers still run), and the emulate
+    backend's per-128-block loop over 256 experts would take minutes of fake dispatch."""
+    import dataclasses
+
+    from moeforge.fp8.grouped import GroupedExperts
+    from moeforge.fp8.linear import Fp8Linear
+
+    def gemm(a_q, a_s, b_q, b_s, block, out_dtype=torch.float32):
+        return torch.empty(a_q.shape[0], b_q.shape[0], dtype=out_dtype, device=a_q.device)
+
+    def grouped_gemm(a_q, a_s, b_q, b_s, layout, block, out_dtype=torch.float32):
+        return torch.empty(a_q.shape[0], b_q.shape[1], dtype=out_dtype, device=a_q.device)
+
+    def grouped_weight_quant(ws, block, p2):
+        G, (N, K) = len(ws), ws[0].shape
+        cdiv = lambda a, b: -(-a // b)  # noqa: E731
+        return (torch.empty(G, N, K, dtype=torch.float8_e4m3fn, device=ws[0].device),
+                torch.empty(G, cdiv(N, block), cdiv(K, block), dtype=torch.float32, device=ws[0].device))
+
+    for m in module.modules():
+        if isinstance(m, Fp8Linear):
+            m.ops = dataclasses.replace(m.ops, gemm=gemm)
+        runner = getattr(m, "run_grouped", None)
+        if isinstance(runner, GroupedExperts):
+            runner._weight_quant = grouped_weight_quant
+            ops = dataclasses.replace(runner.ops, gemm=grouped_gemm, dense=dataclasses.replace(runner.ops.dense, gemm=gemm))
+            if runner.weight_cache is None:
+                ops = dataclasses.replace(ops, weight_quant=grouped_weight_quant)
+            runner.ops = ops

@@ -22,6 +22,7 @@ from torch import nn
 from moeforge.comm.counters import ByteCounters
 from moeforge.dualpipe.schedule import num_stages, validate
 from moeforge import fp8
+from moeforge.model.recompute import apply_recompute
 from moeforge.model.split import build_stages
 from moeforge.model.transformer import Transformer
 from moeforge.parallel.apply_ep import apply_ep
@@ -145,7 +146,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 def build_model(cfg, device: torch.device, meshes: Meshes | None = None, counters: ByteCounters | None = None,
                 stage_ids=None) -> Transformer:
-    """Meta build -> expert parallelism -> FP8 module swap -> pipeline split -> materialize -> init.
+    """Meta build -> expert parallelism -> FP8 module swap -> recompute policy -> pipeline split -> materialize
+    -> init.
     With stage_ids (pp > 1) the model is pruned to those pipeline stages and
     returned with a `.stages` dict {stage id: StageModule}; init_weights seeds each parameter by its
     name, so every layout starts from the single-process model's values."""
@@ -157,6 +159,7 @@ def build_model(cfg, device: torch.device, meshes: Meshes | None = None, counter
                  timeout_s=meshes.timeout_s, device=device)
     if cfg.fp8.enabled:  # looked up on the package at each call: bench/fp8_ablation.py swaps it
         fp8.apply_fp8(model, cfg.fp8)
+    apply_recompute(model, cfg.train.recompute)  # model/recompute.py: none | selective | full
     stages = None
     if stage_ids is not None:
         stages = build_stages(model, stage_ids, num_stages(cfg.schedule.name, cfg.parallel.pp))

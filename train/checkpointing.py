@@ -57,6 +57,8 @@ class Checkpointing:
         state["train.tokens_seen"] = torch.tensor(tr.tokens_seen, dtype=torch.int64)
         state["train.consumed_samples"] = torch.tensor(tr.consumed_samples, dtype=torch.int64)
         state.update(ckpt.rng_state(tr.rank))
+        if tr.ema is not None:  # after the update in flight; the same ranks as model.<fqn> (train/ema.py)
+            state.update(ckpt.ema_state(tr.ema.state_dict(), state))
         return state
 
     def manifest(self) -> dict:
@@ -66,7 +68,7 @@ class Checkpointing:
             "tokens_seen": tr.tokens_seen,
             "layout": {"world_size": d.world_size if d else 1, "pp": d.pp if d else 1, "dp": d.dp if d else 1,
                        "ep": d.ep if d else 1, "edp": d.edp if d else 1},
-            "contents": ["model", "optimizer", "train", "rng"],
+            "contents": ["model", "optimizer", "train", "rng"] + (["ema"] if tr.ema is not None else []),
             # the data position of every dp rank: train samples [0, consumed_samples) are read (train/batches.py)
             "data": {"sampler": "GPTDataset", "seed": tr.cfg.train.seed, "consumed_samples": tr.consumed_samples,
                      "next_global_batch": tr.batches.at(tr.consumed_samples)},
@@ -99,7 +101,16 @@ class Checkpointing:
         the whole checkpoint at path, whichever (pp, dp, ep) layout saved it."""
         tr, t0, path = self.tr, time.perf_counter(), Path(path)
         world = self.meshes.dims.world_size if self.meshes else 1
-        out = ckpt.load_trainer_state(path, tr.model, tr.optimizer, tr.rank, world, self.group(), log=tr.print)
+        ema = None
+        if tr.ema is not None:
+            tr.ema.wait()  # no update in flight while the parameters and the EMA are overwritten
+            ema = tr.ema.state_dict()
+        out = ckpt.load_trainer_state(path, tr.model, tr.optimizer, tr.rank, world, self.group(), log=tr.print,
+                                      ema=ema)
+        if tr.ema is not None and not out["ema"]:
+            tr.ema.reset()
+            tr.print(f"checkpoint: {path} holds no EMA (saved with train.ema_decay=0): the EMA "
+                     f"(decay {tr.ema.decay:g}) starts from its parameters")
         tr.step, tr.tokens_seen = out["step"], out["tokens_seen"]
         tr.consumed_samples = out["consumed_samples"]
         if tr.consumed_samples is None:  # saved before the data position was a key: the step's, by the config

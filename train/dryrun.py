@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -164,6 +165,7 @@ class DryRunMode(TorchDispatchMode):
         self.syncs = syncs
         self.comm_live: dict[int, tuple] = {}  # storage -> (bytes, weakref to a tensor on it) handed to collectives
         self.comm_peak = 0
+        self.pinned: dict[int, StorageWeakRef] = {}  # host storages made with pin_memory=True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -175,6 +177,10 @@ class DryRunMode(TorchDispatchMode):
             return False if t.dtype == torch.bool else (0 if not t.dtype.is_floating_point else 0.0)
         elif name in ("_to_copy", "copy_") and self._device_to_host(func, args, kwargs):
             self.syncs.note("device -> host copy (.cpu)")
+        elif kwargs.get("pin_memory"):  # fake host tensors cannot be pinned: remember which were asked to be
+            out = func(*args, **kwargs)
+            self.pinned[out.untyped_storage()._cdata] = StorageWeakRef(out.untyped_storage())
+            return out
         elif name in _SHAPE_FROM_VALUES and kwargs.get("output_size") is None and any(isinstance(a, torch.Tensor) and a.device.type == "cuda"
                                                 for a in tree_leaves((args, kwargs))):
             raise DryRunError(f"{call_site(3)}: aten.{name} on a CUDA tensor: its output shape depends on the "
@@ -182,12 +188,17 @@ class DryRunMode(TorchDispatchMode):
                               "static-shape form (scatter_add_ counts, a sort and a host-known length)")
         return func(*args, **kwargs)
 
-    @staticmethod
-    def _device_to_host(func, args, kwargs) -> bool:
+    def _device_to_host(self, func, args, kwargs) -> bool:
         if func.overloadpacket.__name__ == "copy_":
-            return args[0].device.type == "cpu" and args[1].device.type == "cuda"
+            # a non_blocking copy into pinned memory is queued on a stream, not a host wait (the EMA's)
+            queued = kwargs.get("non_blocking", len(args) > 2 and args[2]) and self._pinned(args[0])
+            return args[0].device.type == "cpu" and args[1].device.type == "cuda" and not queued
         dev = kwargs.get("device")
         return args[0].device.type == "cuda" and dev is not None and torch.device(dev).type == "cpu"
+
+    def _pinned(self, t: torch.Tensor) -> bool:
+        ref = self.pinned.get(t.untyped_storage()._cdata)
+        return ref is not None and not ref.expired()
 
     def _check_collective(self, func, args, kwargs) -> None:
         tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
@@ -264,7 +275,7 @@ class _NoModules:
         pass
 
 
-def step_mem_tracker(model: torch.nn.Module, optimizer_state: dict[str, torch.Tensor]):
+def step_mem_tracker(model: torch.nn.Module, optimizer_state: dict[str, torch.Tensor], grad_buffers=()):
     """A MemTracker over whole optimizer steps: the model's parameters, buffers and gradients (hooks on each
     parameter), the optimizer's state (ZeRO-1's flat shards: not a torch Optimizer), and every tensor the
     step allocates (activations in forward, temporaries in backward)."""
@@ -275,6 +286,8 @@ def step_mem_tracker(model: torch.nn.Module, optimizer_state: dict[str, torch.Te
     tracker._track_module_params_and_buffers(model, install_grad_hooks=True)
     for state in optimizer_state.values():
         tracker._update_and_maybe_create_winfos(state, _MemRefType.OPT)
+    for g in grad_buffers:  # ZeRO-1's FP32 grad buffer (parallel/zero.py): allocated with the optimizer, held all step
+        tracker._update_and_maybe_create_winfos(g, _MemRefType.GRAD)
     return tracker
 
 
@@ -360,7 +373,7 @@ def dry_run(cfg, world_size: int, rank: int, procs_per_node: int, steps: int = 2
         window = t.seq_len + 1 + cfg.model.n_mtp_modules
         data = (SyntheticBatches(window, dims.dp), SyntheticBatches(window, dims.dp))
         trainer = Trainer(cfg, env, meshes, data=data)
-        tracker = step_mem_tracker(trainer.model, trainer.optimizer.state_tensors())
+        tracker = step_mem_tracker(trainer.model, trainer.optimizer.state_tensors(), trainer.optimizer.grad_buffers())
         with tracker, assigned_grads_typed(tracker):
             for _ in range(steps):
                 syncs.start_step()

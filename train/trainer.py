@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from moeforge.comm.counters import ByteCounters
 from moeforge.parallel.env import RuntimeEnv
-from moeforge.parallel.grad_sync import clip_grad_norm_, reduce_gradients
+from moeforge.parallel.grad_sync import clip_grad_norm_
 from moeforge.parallel.mesh import Meshes
 
 from .balance import MoeBalance
@@ -24,6 +24,7 @@ from .batches import BatchSchedule
 from .build import build_optimizer, micro_batches, resolve_device, validate_schedule
 from .checkpointing import Checkpointing
 from .data import Corpus, SampleStream, build_datasets, ensure_data
+from .ema import ParamEMA
 from .engine import build_engine
 from .evaluate import evaluate
 from .health import SpikeGuard, model_moe_labels, moe_layer_labels
@@ -81,6 +82,8 @@ class Trainer:
         self.consumed_samples = 0  # the data position: train samples [0, consumed_samples) are read
         self.last_record: dict = {}  # the last step's record and validation loss (kept in checkpoints)
         self.last_val_loss: float | None = None
+        # train.ema_decay > 0: an FP32 EMA of this rank's parameters in host memory (train/ema.py, TR §3.2.3)
+        self.ema = ParamEMA(self.model.named_parameters(), t.ema_decay, self.device) if t.ema_decay > 0 else None
         self.checkpoints = Checkpointing(self)
 
     def print(self, *a) -> None:
@@ -96,6 +99,7 @@ class Trainer:
         t = self.cfg.train
         timer = StepTimer(self.device)
         self.comm_counters.reset()
+        self.optimizer.counters.reset()  # ZeRO-1's dp bytes (reduce-scatter, all-gather)
         self.balance.start_step()
         global_batch = self.batches.at(self.consumed_samples)
         n_micro = micro_batches(global_batch, self.dp_size, self.micro_batch_size)
@@ -103,10 +107,10 @@ class Trainer:
         sums = self.engine.forward_backward(list(rows.split(self.micro_batch_size)),
                                             poison=t.debug_nan_step == self.step + 1)
         timer.mark("compute")  # forward + backward (EP all-to-alls included: they run inside the MoE layers)
-        if self.meshes is not None:
-            reduce_gradients(self.named_params, self.meshes)
+        self.optimizer.reduce_gradients()  # ZeRO-1: reduce-scatter, each rank gets its slice of the sums
         losses = sum_over_dp_pp_(torch.stack([sums.lm, sums.mtp, sums.aux]), self.meshes)
-        norm = clip_grad_norm_(self.named_params, t.grad_clip, self.meshes, norm_params=self.engine.norm_params)
+        norm = clip_grad_norm_(self.named_params, t.grad_clip, self.meshes, norm_params=self.engine.norm_params,
+                               zero=self.optimizer)
         timer.mark("comm")  # grad/loss/norm reductions: nothing overlaps them yet, so all of it is exposed
         # the step's one host read of its scalars: the spike rule decides on them before the optimizer step
         lm_sum, mtp_sum, aux_sum, grad_norm = torch.cat([losses, norm.double().view(1)]).tolist()
@@ -114,7 +118,11 @@ class Trainer:
         lr = lr_at(self.step, self.consumed_samples, t)
         skip = self.guard.check(lm_sum / n, grad_norm)  # global loss and norm: every rank decides alike
         if skip is None:
+            if self.ema is not None:
+                self.ema.wait_copy()  # the last EMA copy must have read the parameters this step overwrites
             self.optimizer.step(lr)
+            if self.ema is not None:
+                self.ema.start()  # copy the new parameters out and fold them into the EMA in the background
             self.balance.update_bias()
         self.optimizer.zero_grad()  # a skipped step drops its grads (and its loads, zeroed next step)
         timer.mark("optim")
@@ -139,6 +147,8 @@ class Trainer:
             record.update(self.balance.stats(n_tokens * self.cfg.model.n_activated_experts))
         if self.meshes is not None and self.meshes.dims.ep > 1:
             record.update(self.comm_counters.as_dict())
+        if self.meshes is not None and self.dp_size > 1:
+            record.update(self.optimizer.counters.as_dict())
         return record
 
     def evaluate(self) -> float:

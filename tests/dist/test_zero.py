@@ -2,10 +2,11 @@
 
 Single process: the update equals torch.optim.AdamW(foreach=False) (asserted to rtol 1e-7; bitwise on
 this machine); BF16 moments equal an FP32-arithmetic reference that rounds the moments to BF16 after
-each step; state_dict round trip. Four gloo ranks: ZeRO-1 vs the unsharded optimizer with the same
-grads gives bitwise-identical params and moments (FP32 and BF16 moments), optimizer-state bytes per
-rank are 1/dp (dense) and 1/edp (experts) of the unsharded ones within the alignment padding, state
-reshards between layouts, and reduce_gradients / clip_grad_norm_ match a single-process reference.
+each step; state_dict round trip; backward accumulates into the FP32 grad buffer. Four gloo ranks: ZeRO-1
+vs the unsharded optimizer with the same grads gives bitwise-identical params and moments (FP32 and BF16
+moments, one bucket or several), optimizer-state bytes per rank are 1/dp (dense) and 1/edp (experts) of
+the unsharded ones within the alignment padding, state reshards between layouts, and reduce_gradients /
+clip_grad_norm_ match a single-process reference. The reduce-scatter path itself: test_zero_bytes.py.
 """
 import zlib
 
@@ -183,20 +184,47 @@ def test_low_precision_params_keep_their_fp32_master_through_state_dict():
     assert not torch.equal(oc.state_dict()["state"]["weight"]["master"], oa.state_dict()["state"]["weight"]["master"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_accumulates_into_the_fp32_grad_buffer(dtype):
+    """Autograd's grads land in the optimizer's FP32 grad buffer (p.main_grad): an FP32 parameter's .grad
+    is that view after backward (later micro-batches add in place, bitwise torch's accumulation); a BF16
+    parameter keeps no .grad and its micro-batch grads are summed in FP32. zero_grad drops .grad as
+    torch.optim does and zeroes the buffer."""
+    model, ref = ToyMoE().to(dtype), ToyMoE().to(dtype)
+    opt = ShardedAdamW(list(model.named_parameters()), lr=1e-2, no_decay=no_decay)
+    for step in range(2):
+        want = {n: torch.zeros(p.shape) for n, p in ref.named_parameters()}
+        for micro in range(3):
+            loss_fn(model, batch(micro, step).to(dtype)).backward()
+            for (n, p), g in zip(ref.named_parameters(), torch.autograd.grad(loss_fn(ref, batch(micro, step).to(dtype)),
+                                                                             list(ref.parameters()))):
+                want[n] += g.float()
+        for n, p in model.named_parameters():
+            assert p.main_grad.dtype == torch.float32 and torch.equal(p.main_grad, want[n]), n
+            assert (p.grad is p.main_grad) if dtype == torch.float32 else p.grad is None, n
+        if dtype == torch.float32:  # torch's own accumulation, bitwise
+            ref.zero_grad()
+            for micro in range(3):
+                loss_fn(ref, batch(micro, step)).backward()
+            assert all(torch.equal(p.main_grad, q.grad) for p, q in zip(model.parameters(), ref.parameters()))
+        opt.zero_grad()
+        assert all(p.grad is None and not p.main_grad.any() for p in model.parameters())
+
+
 def test_params_become_views_of_the_flat_buffer():
     model = ToyMoE()
     opt = ShardedAdamW(list(model.named_parameters()), lr=1e-2, no_decay=no_decay)
     dense, expert = opt.groups
-    assert model.embed.weight.untyped_storage().data_ptr() == dense.flat.untyped_storage().data_ptr()
-    assert model.moe.experts["2"].weight.untyped_storage().data_ptr() == expert.flat.untyped_storage().data_ptr()
-    assert model.moe.shared_experts.weight.untyped_storage().data_ptr() == dense.flat.untyped_storage().data_ptr()
-    assert dense.flat.numel() % 128 == 0 and dense.numel <= dense.flat.numel() < dense.numel + 128
+    assert model.embed.weight.untyped_storage().data_ptr() == dense.weights.untyped_storage().data_ptr()
+    assert model.moe.experts["2"].weight.untyped_storage().data_ptr() == expert.weights.untyped_storage().data_ptr()
+    assert model.moe.shared_experts.weight.untyped_storage().data_ptr() == dense.weights.untyped_storage().data_ptr()
+    assert dense.weights.numel() % 128 == 0 and dense.numel <= dense.weights.numel() < dense.numel + 128
 
 
 # ---------------------------------------------------------------- 4 gloo ranks
 
 
-def _zero_vs_unsharded(rank, world, moment_dtype_name):
+def _zero_vs_unsharded(rank, world, moment_dtype_name, bucket_numel=1 << 27):
     import torch.distributed as dist
 
     from moeforge.parallel.dims import ParallelDims
@@ -213,8 +241,8 @@ def _zero_vs_unsharded(rank, world, moment_dtype_name):
         ns = [(n, p) for n, p in sharded.named_parameters() if in_stage(n, meshes.coords.pp, pp)]
         nu = [(n, p) for n, p in plain.named_parameters() if in_stage(n, meshes.coords.pp, pp)]
         kw = dict(lr=1e-2, weight_decay=0.1, no_decay=no_decay, moment_dtype=moment_dtype)
-        zo = ShardedAdamW(ns, dense_group=meshes.dp, expert_group=meshes.edp, **kw)
-        un = ShardedAdamW(nu, **kw)
+        zo = ShardedAdamW(ns, dense_group=meshes.dp, expert_group=meshes.edp, bucket_numel=bucket_numel, **kw)
+        un = ShardedAdamW(nu, **kw)  # one bucket: the state dicts are layout-free
         init = {n: p.detach().clone() for n, p in ns}
         for t in range(1, 4):
             set_grads(ns, t)
@@ -243,7 +271,7 @@ def _zero_vs_unsharded(rank, world, moment_dtype_name):
         in_diff = [n for n in usd["state"] for k in kinds if not torch.equal(un2.state_dict()["state"][n][k],
                                                                               usd["state"][n][k])]
         zo2 = ShardedAdamW([(n, p.detach().clone().requires_grad_()) for n, p in ns],
-                           dense_group=meshes.dp, expert_group=meshes.edp, **kw)
+                           dense_group=meshes.dp, expert_group=meshes.edp, bucket_numel=bucket_numel, **kw)
         zo2.load_state_dict(usd)
         out_diff = [n for n, e in zsd["state"].items() for k in kinds
                     if not torch.equal(zo2.state_dict()["state"][n][k], e[k])]
@@ -266,15 +294,16 @@ def _zero_vs_unsharded(rank, world, moment_dtype_name):
                              wrong_group_caught=wrong_group_caught,
                              state_bytes=zo.state_bytes(), bytes=bytes_,
                              full=full, unsharded_state_bytes=un.state_bytes(), dp=dims.dp, edp=dims.edp,
-                             elem=zo.groups[0].exp_avg.element_size(),
+                             elem=zo.groups[0].exp_avg.element_size(), buckets=max(len(g.buckets) for g in zo.groups),
                              checksum=float(sum(p.double().sum() for _, p in ns)))
     return out
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("moment_dtype", ["float32", "bfloat16"])
-def test_zero1_bitwise_equals_unsharded_and_holds_1_over_dp_of_the_state(moment_dtype):
-    results = run_ranks(_zero_vs_unsharded, 4, moment_dtype, timeout_s=100)
+@pytest.mark.parametrize("moment_dtype,bucket_numel", [("float32", 1 << 27), ("bfloat16", 1 << 27), ("float32", 3000)])
+def test_zero1_bitwise_equals_unsharded_and_holds_1_over_dp_of_the_state(moment_dtype, bucket_numel):
+    """bucket_numel 3000: several buckets, each rank owning a slice of each (reshards to one bucket)."""
+    results = run_ranks(_zero_vs_unsharded, 4, moment_dtype, bucket_numel, timeout_s=100)
     assert all(sorted(res) == [(1, 1), (1, 2), (2, 2)] for res in results)
     for layout in results[0]:
         # the ranks' moment pieces tile every parameter: element [0, numel) of each is owned somewhere
@@ -288,6 +317,7 @@ def test_zero1_bitwise_equals_unsharded_and_holds_1_over_dp_of_the_state(moment_
         assert all(_union(owned[n]) == [(0, size)] for n, size in numel.items()), (layout, owned, numel)
     for rank, res in enumerate(results):
         for layout, r in res.items():
+            assert r["buckets"] == 1 or bucket_numel < 1e6, (rank, layout, r["buckets"])
             assert r["params"] > 0 and r["moved"] == r["params"], (rank, layout, r["moved"])
             assert r["param_diff"] == [] and r["moment_diff"] == [], (rank, layout)
             assert r["unsharded_names"] == sorted(r["numel"]), (rank, layout)  # every parameter, reloaded
@@ -295,11 +325,12 @@ def test_zero1_bitwise_equals_unsharded_and_holds_1_over_dp_of_the_state(moment_
             # checked where the rank holds experts and ep > 1: (1, 2) everywhere, (2, 2) on stage 0
             expect = True if layout == (1, 2) or (layout == (2, 2) and rank < 2) else None
             assert r["wrong_group_caught"] is expect, (rank, layout)
-            pad = 2 * 128 * r["elem"]  # two moments, at most one alignment block per rank
+            pad = 2 * 128 * r["elem"] * r["buckets"]  # two moments, at most one alignment block per rank and bucket
             # dense state is 1/dp of the unsharded, expert state 1/edp, to within the padding
             assert 0 <= r["bytes"]["dense"] * r["dp"] - r["full"]["dense"] < r["dp"] * pad, (rank, layout, r)
             assert 0 <= r["bytes"]["expert"] * r["edp"] - r["full"]["expert"] < r["edp"] * pad, (rank, layout, r)
             assert r["state_bytes"] == r["bytes"]["dense"] + r["bytes"]["expert"]
+    assert bucket_numel > 1e6 or all(res[(1, 1)]["buckets"] > 1 for res in results)  # several buckets tested
     # ep = 1: the whole optimizer state per rank is ~1/dp of the unsharded total
     r = results[0][(1, 1)]
     assert r["state_bytes"] / r["unsharded_state_bytes"] == pytest.approx(1 / 4, rel=0.02)
