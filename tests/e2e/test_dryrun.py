@@ -20,8 +20,10 @@ pytestmark = pytest.mark.timeout(600)
 # bubble timer's.
 LAYOUTS = {
     "one-rank": (["--world-size", "1", "--steps", "1"], 11),  # 2 micro-batches x 4 MoE layers + 3
-    # recompute (model/recompute.py) reads nothing from the host: the same budget as without
-    "one-rank-selective-recompute": (["--world-size", "1", "--steps", "1", "train.recompute=selective"], 11),
+    # recompute (model/recompute.py) reads nothing from the host, nor does the EMA's copy into pinned memory
+    # (train/ema.py): the same budget as without
+    "one-rank-selective-recompute-ema": (["--world-size", "1", "--steps", "1", "train.recompute=selective",
+                                          "train.ema_decay=0.999"], 11),
     "cpu4-rank0": (["--world-size", "4", "experiment=cpu4"], 8),
     "pp2-ep4-two-hop-fp8-rank5": (["--world-size", "8", "--rank", "5", "parallel.pp=2", "parallel.ep=4",
                                    "parallel.ranks_per_node=2", "parallel.two_hop=true", "schedule=1f1b",
