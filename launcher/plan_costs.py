@@ -388,6 +388,8 @@ def _gpu_kernels():
     import torch
     from torch.overrides import TorchFunctionMode
 
+    from moeforge.train.activations import efficient_sdpa, efficient_sdpa_applies
+
     class RmsNorm(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, shape, weight, eps, mode):
@@ -428,12 +430,8 @@ def _gpu_kernels():
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            if func is torch.nn.functional.scaled_dot_product_attention and len(args) == 3 and \
-                    kwargs.get("attn_mask") is None and not kwargs.get("dropout_p") and not kwargs.get("enable_gqa"):
-                q, k, v = args
-                return torch.ops.aten._scaled_dot_product_efficient_attention(
-                    q, k, v, None, q.requires_grad or k.requires_grad or v.requires_grad,
-                    is_causal=kwargs.get("is_causal", False), scale=kwargs.get("scale"))[0]
+            if func is torch.nn.functional.scaled_dot_product_attention and efficient_sdpa_applies(args, kwargs):
+                return efficient_sdpa(*args, **kwargs)
             if func is torch.nn.functional.rms_norm and self.mode is not None:
                 b = dict(zip(("input", "normalized_shape", "weight", "eps"), args), **kwargs)
                 return RmsNorm.apply(b["input"], tuple(b["normalized_shape"]), b.get("weight"), b.get("eps"),

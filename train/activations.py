@@ -183,6 +183,19 @@ class _FusedRmsNorm(torch.autograd.Function):
         return dx, None, dw, None
 
 
+def efficient_sdpa_applies(args, kwargs) -> bool:
+    """Whether an F.scaled_dot_product_attention call is one the memory-efficient kernel computes as is."""
+    return (len(args) == 3 and kwargs.get("attn_mask") is None and not kwargs.get("dropout_p")
+            and not kwargs.get("enable_gqa"))
+
+
+def efficient_sdpa(q, k, v, is_causal: bool = False, scale=None, **_) -> torch.Tensor:
+    """F.scaled_dot_product_attention through the memory-efficient kernel a Hopper GPU takes for MLA (head dims
+    192/128 rule out FlashAttention): output + a log-sum-exp per row kept, never [T, T] scores."""
+    return torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, None, q.requires_grad or k.requires_grad or v.requires_grad, is_causal=is_causal, scale=scale)[0]
+
+
 class _AsOnGpu(TorchFunctionMode):
     """The two ops whose kernel, and so whose saved tensors, a CPU build picks differently from a GPU:
     F.scaled_dot_product_attention takes a fused kernel (the memory-efficient one, as the dry run does:
@@ -192,12 +205,8 @@ class _AsOnGpu(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.nn.functional.scaled_dot_product_attention and len(args) == 3 and \
-                kwargs.get("attn_mask") is None and not kwargs.get("dropout_p") and not kwargs.get("enable_gqa"):
-            q, k, v = args
-            return torch.ops.aten._scaled_dot_product_efficient_attention(
-                q, k, v, None, q.requires_grad or k.requires_grad or v.requires_grad,
-                is_causal=kwargs.get("is_causal", False), scale=kwargs.get("scale"))[0]
+        if func is torch.nn.functional.scaled_dot_product_attention and efficient_sdpa_applies(args, kwargs):
+            return efficient_sdpa(*args, **kwargs)
         if func is torch.nn.functional.rms_norm:
             bound = dict(zip(("input", "normalized_shape", "weight", "eps"), args), **kwargs)
             return _FusedRmsNorm.apply(bound["input"], tuple(bound["normalized_shape"]), bound.get("weight"),

@@ -146,14 +146,11 @@ def _gpu_attention(sdpa, args, kwargs):
     math path, whose [heads, T, T] scores a GPU never holds (8.6 GB per layer and micro-batch at the 671b
     shapes). Here it calls the memory-efficient kernel: MLA's q/k and v head dims differ (192, 128), which
     FlashAttention does not take."""
-    q, k, v = args[:3]
-    if (q.device.type != "cuda" or kwargs.get("attn_mask") is not None or kwargs.get("dropout_p")
-            or kwargs.get("enable_gqa") or len(args) > 3):
+    from .activations import efficient_sdpa, efficient_sdpa_applies
+
+    if args[0].device.type != "cuda" or not efficient_sdpa_applies(args, kwargs):
         return sdpa(*args, **kwargs)
-    out = torch.ops.aten._scaled_dot_product_efficient_attention(
-        q, k, v, None, q.requires_grad or k.requires_grad or v.requires_grad,
-        is_causal=kwargs.get("is_causal", False), scale=kwargs.get("scale"))
-    return out[0]
+    return efficient_sdpa(*args, **kwargs)
 
 
 class DryRunMode(TorchDispatchMode):
